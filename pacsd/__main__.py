@@ -1,0 +1,5 @@
+"""``python -m pacsd`` runs the command line."""
+
+from pacsd.cli import main
+
+raise SystemExit(main())
