@@ -1,0 +1,1 @@
+"""Who may talk to the node: peer AE titles bound to certificates, users, roles, lockout."""
