@@ -49,8 +49,59 @@ def _m1_peers(db: peewee.SqliteDatabase) -> None:
     )
 
 
+def _m2_users(db: peewee.SqliteDatabase) -> None:
+    # Times are seconds since the epoch (REAL): lockout arithmetic compares them directly.
+    db.execute_sql(
+        """CREATE TABLE app_user (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            role TEXT NOT NULL,
+            password_hash TEXT NOT NULL,
+            password_set REAL NOT NULL,
+            enabled INTEGER NOT NULL DEFAULT 1,
+            locked_until REAL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            failure_window_start REAL,
+            totp_secret BLOB,
+            totp_last_step INTEGER,
+            last_login REAL,
+            last_address TEXT,
+            created REAL NOT NULL,
+            updated REAL NOT NULL
+        )"""
+    )
+    db.execute_sql(
+        """CREATE TABLE user_password_history (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES app_user (id) ON DELETE CASCADE,
+            password_hash TEXT NOT NULL,
+            retired REAL NOT NULL
+        )"""
+    )
+    db.execute_sql("CREATE INDEX user_password_history_user ON user_password_history (user_id)")
+    db.execute_sql(
+        """CREATE TABLE user_source (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES app_user (id) ON DELETE CASCADE,
+            address TEXT NOT NULL,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            UNIQUE (user_id, address)
+        )"""
+    )
+    db.execute_sql(
+        """CREATE TABLE source_block (
+            address TEXT PRIMARY KEY,
+            failures INTEGER NOT NULL DEFAULT 0,
+            window_start REAL,
+            blocked_until REAL,
+            last_failure REAL NOT NULL
+        ) WITHOUT ROWID"""
+    )
+
+
 # Append only. Index i migrates schema version i -> i+1.
-MIGRATIONS: list[dbutil.Migration] = [_m1_peers]
+MIGRATIONS: list[dbutil.Migration] = [_m1_peers, _m2_users]
 
 
 def open_auth_db(cfg: Config) -> peewee.SqliteDatabase:
