@@ -198,11 +198,14 @@ def set_enabled(title: str, enabled: bool) -> None:
 def note_source(title: str, address: str) -> bool:
     """Remember that `title` connected from `address`; True when the address is new for it."""
     now = _now()
-    cur = PeerSource._meta.database.execute_sql(
-        "INSERT INTO peer_source (title, address, first_seen, last_seen) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (title, address) DO UPDATE SET last_seen = excluded.last_seen "
-        "RETURNING first_seen",
+    db = PeerSource._meta.database
+    cur = db.execute_sql(
+        "INSERT OR IGNORE INTO peer_source (title, address, first_seen, last_seen) "
+        "VALUES (?, ?, ?, ?)",
         (title, address, now, now),
     )
-    row = cur.fetchone()
-    return bool(row and row[0] == now)
+    if cur.rowcount == 1:
+        return True
+    db.execute_sql("UPDATE peer_source SET last_seen = ? WHERE title = ? AND address = ?",
+                   (now, title, address))
+    return False

@@ -1,0 +1,175 @@
+"""The association server: TLS per connection with a deadline, then the admission gates.
+
+pynetdicom 3.0.4 wraps accepted sockets with `do_handshake_on_connect=True` in the accept
+thread, so one silent client stalls every new association. Here `get_request` returns
+the plain socket and the handshake runs in the connection's own thread, bounded by
+`acse_timeout` (DESIGN §4 gate 2).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from pacsd import audit
+from pacsd.scp.state import Services
+
+log = logging.getLogger("pacsd.server")
+
+
+class AssociationSlots:
+    """At most `limit` associations across all worker processes.
+
+    Slot i is byte i of a lock file, held with an fcntl record lock for the life of the
+    association. The kernel releases a dead worker's locks, so a crash never leaks a slot.
+    fcntl locks belong to the process, so threads of one process also track their slots.
+    """
+
+    def __init__(self, path: Path, limit: int) -> None:
+        self.limit = limit
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._held: set[int] = set()
+        self._mutex = threading.Lock()
+
+    def acquire(self) -> int | None:
+        with self._mutex:
+            for i in range(self.limit):
+                if i in self._held:
+                    continue
+                try:
+                    fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, i)
+                except OSError:
+                    continue
+                self._held.add(i)
+                return i
+        return None
+
+    def release(self, slot: int) -> None:
+        with self._mutex:
+            if slot in self._held:
+                fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, slot)
+                self._held.discard(slot)
+
+    def in_use_here(self) -> int:
+        return len(self._held)
+
+
+class NodeRequestHandler(RequestHandler):
+    """Runs in the connection's thread: finish TLS, then the pynetdicom association."""
+
+    server: NodeServer
+
+    def handle(self) -> None:
+        srv = self.server
+        services = srv.services
+        ip = str(self.client_address[0])
+        raw: socket.socket = self.request
+        ctx = services.tls_context()
+        raw.settimeout(services.cfg.node.acse_timeout)
+        try:
+            tls_sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls_sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            reason = _handshake_reason(exc)
+            log.info("tls handshake failed from %s: %s", ip, reason)
+            services.refuse(ip, gate="tls", reason=reason)
+            _close(raw)
+            return
+        tls_sock.settimeout(None)
+        self.request = tls_sock
+        state = services.new_connection(ip, int(self.client_address[1]), tls_sock)
+        try:
+            assoc = self._create_association()
+            assoc.pacsd_state = state  # type: ignore[attr-defined]
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+            assoc.join()
+        finally:
+            services.connection_closed(state)
+            _close(tls_sock)
+
+
+def _handshake_reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return "handshake timed out"
+    if isinstance(exc, ssl.SSLError):
+        return str(exc.reason or exc)
+    return str(exc) or exc.__class__.__name__
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+class NodeServer(ThreadedAssociationServer):
+    """A pynetdicom server on an already-bound listening socket inherited from the supervisor."""
+
+    daemon_threads = True
+
+    def __init__(self, ae: Any, listen_sock: socket.socket, services: Services,
+                 handlers: list[Any]) -> None:
+        self._listen_sock = listen_sock
+        self.services = services
+        address = listen_sock.getsockname()[:2]
+        super().__init__(ae, address, services.cfg.node.ae_title, ae.supported_contexts,
+                         None, handlers, request_handler=NodeRequestHandler)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._listen_sock
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """The supervisor already called listen()."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, addr = self.socket.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, addr
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Gate 1: new connections from a blocked source are closed at accept."""
+        ip = str(client_address[0])
+        if self.services.source_blocked(ip):
+            self.services.refuse(ip, gate="source_blocked", reason="source address blocked")
+            return False
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("unhandled error on connection from %s", client_address)
+
+    def stop_accepting(self) -> None:
+        """Stop the accept loop; running associations continue."""
+        super(ThreadedAssociationServer, self).shutdown()  # socketserver.BaseServer.shutdown
+
+    def drain(self, deadline: float) -> int:
+        """Wait until no association is active or `deadline` (monotonic) passes; abort the rest.
+
+        Returns how many associations had to be aborted.
+        """
+        import time
+
+        while time.monotonic() < deadline:
+            if not [a for a in self.active_associations if a.is_alive()]:
+                return 0
+            time.sleep(0.05)
+        left = [a for a in self.active_associations if a.is_alive()]
+        for a in left:
+            a.abort()
+        return len(left)
