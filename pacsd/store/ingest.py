@@ -140,6 +140,21 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _uid(ds: Dataset, tag: int) -> str:
+    """A UID from its raw bytes: no pydicom value conversion (which warns or raises on a
+    malformed UID); we judge validity ourselves. '' when absent."""
+    try:
+        elem = ds.get_item(tag)
+    except Exception:
+        return ""
+    if elem is None:
+        return ""
+    value = elem.value
+    if isinstance(value, bytes):
+        return value.rstrip(b"\x00 ").decode("ascii", "replace").strip()
+    return "" if value is None else str(value).strip()
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
@@ -167,10 +182,10 @@ def _header(ds: Dataset) -> _Header:
     name = _text(ds, "PatientName")
     referring = _text(ds, "ReferringPhysicianName")
     return _Header(
-        sop_class_uid=_text(ds, "SOPClassUID"),
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
-        study_uid=_text(ds, "StudyInstanceUID"),
-        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_class_uid=_uid(ds, 0x00080016),
+        sop_instance_uid=_uid(ds, 0x00080018),
+        study_uid=_uid(ds, 0x0020000D),
+        series_uid=_uid(ds, 0x0020000E),
         charset=_text(ds, "SpecificCharacterSet"),
         patient={
             "patient_id": _text(ds, "PatientID"),

@@ -1,0 +1,149 @@
+"""Object files: fast file meta vs pydicom, SpoolFile, atomic publish, verified reads, sweep."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom.dsutils import create_file_meta
+
+from pacsd.store import filemeta, objects
+from pacsd.store.objects import HEAD_SIZE, IntegrityError, ObjectStore, SpoolFile
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.mark.parametrize(("sop_instance", "ts"), [
+    ("1.2.3.44", "1.2.840.10008.1.2.1"),  # even-length UID
+    ("1.2.3.4", "1.2.840.10008.1.2"),  # odd-length: NUL padding
+    ("2.25." + "9" * 59, "1.2.840.10008.1.2.4.50"),  # 64 characters
+])
+def test_file_meta_bytes_equal_pydicom(tmp_path: Path, sop_instance: str, ts: str) -> None:
+    ours = filemeta.file_meta_bytes(CT, sop_instance, ts)
+    buf = io.BytesIO()
+    buf.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buf, create_file_meta(
+        sop_class_uid=UID(CT), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(ts),
+        implementation_uid=UID(filemeta.IMPLEMENTATION_CLASS_UID),
+        implementation_version=filemeta.IMPLEMENTATION_VERSION_NAME))
+    assert ours == buf.getvalue()
+    # and it parses back to the same elements
+    p = tmp_path / "meta.dcm"
+    p.write_bytes(ours)
+    meta = read_file_meta_info(p)
+    assert meta.MediaStorageSOPClassUID == CT
+    assert meta.MediaStorageSOPInstanceUID == sop_instance
+    assert meta.TransferSyntaxUID == ts
+    assert meta.ImplementationVersionName == "PACSD_0.1"
+    assert meta.FileMetaInformationGroupLength == len(ours) - 132 - 12
+
+
+def test_file_meta_refuses_non_ascii_uid() -> None:
+    with pytest.raises(ValueError):
+        filemeta.file_meta_bytes(CT, "1.2.3.\u00e9", "1.2.840.10008.1.2.1")
+
+
+def test_spool_hashes_counts_and_keeps_head(tmp_path: Path) -> None:
+    data = os.urandom(HEAD_SIZE + 12_345)
+    sp = SpoolFile(tmp_path, delete=False, mode="wb", suffix=".dcm")  # NamedTemporaryFile kw
+    assert Path(sp.name).parent == tmp_path
+    # small writes are gathered, big ones go straight through; memoryviews accepted
+    sp.write(data[:10])
+    sp.file.flush()
+    sp.write(memoryview(data)[10:1000])
+    assert sp.write(data[1000:]) == len(data) - 1000
+    with pytest.raises(ValueError):
+        _ = sp.sha256  # not before close
+    sp.close()
+    sp.close()  # idempotent
+    assert sp.size == len(data)
+    assert sp.sha256 == hashlib.sha256(data).hexdigest()
+    assert sp.head == data[:HEAD_SIZE]
+    assert not sp.head_complete
+    assert Path(sp.name).read_bytes() == data
+    assert oct(Path(sp.name).stat().st_mode & 0o777) == "0o600"
+    sp.abort()
+    assert not Path(sp.name).exists()
+
+
+def test_spool_over_limit_stops_writing(tmp_path: Path) -> None:
+    sp = SpoolFile(tmp_path, limit=1000)
+    sp.write(b"x" * 600)
+    sp.write(b"x" * 600)
+    sp.flush()
+    assert sp.over_limit
+    assert sp.size == 1200
+    assert Path(sp.name).stat().st_size == 0  # space given back
+    sp.abort()
+
+
+def test_publish_is_content_addressed_and_verified_read(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "objects")
+    store.ensure()
+    sp = store.spool()
+    sp.write(b"hello world")
+    dest = store.publish(sp)
+    sp.close()
+    sha = hashlib.sha256(b"hello world").hexdigest()
+    assert dest == tmp_path / "objects" / sha[:2] / sha[2:4] / f"{sha}.dcm"
+    assert dest.read_bytes() == b"hello world"
+    assert list(store.tmp.iterdir()) == []
+    with store.open_verified(sha) as f:
+        assert f.read() == b"hello world"
+    assert store.verified_path(sha) == dest
+    # a flipped byte is refused, with a typed error naming the object
+    dest.write_bytes(b"hellO world")
+    with pytest.raises(IntegrityError) as exc:
+        store.open_verified(sha)
+    assert exc.value.sha256 == sha and exc.value.actual != sha
+    dest.unlink()
+    with pytest.raises(IntegrityError) as exc:
+        store.verified_path(sha)
+    assert exc.value.actual is None
+
+
+def test_path_for_refuses_anything_but_a_digest(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path)
+    for bad in ["../../etc/passwd", "A" * 64, "0" * 63, "0" * 64 + "/x"]:
+        with pytest.raises(ValueError):
+            store.path_for(bad)
+
+
+def test_sweep_removes_leftovers_but_not_live_spools(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "objects")
+    store.ensure()
+    live = store.spool()
+    live.write(b"in flight")
+    live.flush()
+    leftover = store.tmp / "spool-crashed.tmp"
+    leftover.write_bytes(b"partial")
+    closed = store.spool()
+    closed.write(b"closed but not published")
+    closed.close()  # its lock is gone with the fd: a leftover now
+    assert sorted(p.name for p in store.temp_leftovers()) == sorted(
+        [leftover.name, Path(closed.name).name])
+    assert store.sweep_tmp() == 2
+    assert Path(live.name).exists()
+    assert not leftover.exists()
+    live.abort()
+
+
+def test_write_all_handles_short_writes(monkeypatch: pytest.MonkeyPatch,
+                                        tmp_path: Path) -> None:
+    real = os.writev
+
+    def short(fd: int, bufs: list[memoryview]) -> int:
+        return real(fd, [bufs[0][:7]])  # never more than 7 bytes per call
+
+    monkeypatch.setattr(objects.os, "writev", short)
+    p = tmp_path / "f"
+    fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
+    objects._write_all(fd, [b"abcdefghij", bytearray(b"KLMNOPQRSTUVWXYZ")])
+    os.close(fd)
+    assert p.read_bytes() == b"abcdefghijKLMNOPQRSTUVWXYZ"
