@@ -35,8 +35,16 @@ Command = Callable[[Config, argparse.Namespace], int]
 
 def run(cfg: Config, args: argparse.Namespace) -> int:
     """Run one `pacsd user` subcommand; raises PacsdError subclasses for cli.py to map."""
-    open_auth_db(cfg)
-    return _COMMANDS[args.user_command](cfg, args)
+    db = open_auth_db(cfg)
+    changes = args.user_command not in ("list", "review") or bool(getattr(args, "disable", False))
+    if changes:  # read-only commands neither need nor wait for the audit chain
+        audit.start_standalone(cfg)
+    try:
+        return _COMMANDS[args.user_command](cfg, args)
+    finally:
+        if changes:
+            audit.shutdown(5.0)
+        db.close()
 
 
 # --------------------------------------------------------------------------- helpers

@@ -228,7 +228,12 @@ def test_timing_unknown_user_vs_wrong_password(tmp_path: Path) -> None:
             out.append(time.perf_counter() - t)
             assert not d.ok
     mu, mw = statistics.median(unknown), statistics.median(wrong)
-    assert abs(mu - mw) < 0.15 * max(mu, mw), (mu, mw)
+    # "within noise": 15 % of the median, or 3 median absolute deviations on a busy machine;
+    # a path doing one bcrypt more or less would differ by ~100 %
+    noise = 3 * max(statistics.median(abs(x - mu) for x in unknown),
+                    statistics.median(abs(x - mw) for x in wrong))
+    assert abs(mu - mw) < max(0.15 * max(mu, mw), noise), (mu, mw, noise)
+    assert abs(mu - mw) < 0.5 * max(mu, mw), (mu, mw)
 
 
 def test_nothing_secret_in_the_database_in_clear(cfg: Config, tmp_path: Path) -> None:
