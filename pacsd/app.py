@@ -39,6 +39,8 @@ def _configure_pynetdicom(services: Services) -> None:
     # Receive each C-STORE dataset straight into a hashing spool file under the object
     # root (one file, one pass: SHA-256 is computed while the bytes are written).
     _config.STORE_RECV_CHUNKED_DATASET = True
+    # C-MOVE/C-GET stream each verified object from its file, as stored (scp/qr.py).
+    _config.STORE_SEND_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = lambda *a, **kw: services.store.spool()  # type: ignore[assignment]
     _config.LOG_HANDLER_LEVEL = "none"
     # Values from peers are validated by our own rules; do not let pydicom reject or fix
