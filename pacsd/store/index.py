@@ -210,7 +210,7 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
         "CREATE INDEX instance_sha256_idx ON instance (sha256)",
     ]
     for sql in statements:
-        db.execute_sql(sql)
+        db.execute_sql(sql)  # type: ignore[no-untyped-call]  # peewee has no annotations
 
 
 # Append only. Index i migrates schema version i -> i+1.

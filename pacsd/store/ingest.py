@@ -20,10 +20,13 @@ DIMSE statuses (one place, PS3.4 B.2.3 / PS3.7 C.4):
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
+import sqlite3
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +39,7 @@ from pydicom.filereader import read_partial
 
 from pacsd.config import Config
 from pacsd.store import filemeta
-from pacsd.store.index import Instance, Patient, Series, Study, open_index_db
+from pacsd.store.index import open_index_db
 from pacsd.store.objects import READ_CHUNK, ObjectStore, SpoolFile
 
 log = structlog.get_logger(__name__)
@@ -127,8 +130,28 @@ def _parse_header(spool: SpoolFile) -> Dataset:
     return ds
 
 
+def _raw_ascii(ds: Dataset, keyword: str) -> str | None:
+    """The value straight from its raw bytes when they are plain ASCII (the common case:
+    the same in every character set, no pydicom conversion); None when that cannot be
+    decided from the raw bytes."""
+    try:
+        elem = ds.get_item(keyword)
+    except Exception:
+        return None
+    if elem is None:
+        return ""
+    raw = elem.value
+    if isinstance(raw, bytes) and raw.isascii() and b"\x1b" not in raw:
+        return raw.decode("ascii").strip(" \x00")
+    return None
+
+
 def _text(ds: Dataset, keyword: str) -> str:
-    """A value as str ('' when absent or undecodable); multi-values joined with '\\'."""
+    """A value as str ('' when absent or undecodable); multi-values joined with '\\'.
+    Non-ASCII values are decoded by pydicom per SpecificCharacterSet."""
+    fast = _raw_ascii(ds, keyword)
+    if fast is not None:
+        return fast
     try:
         value = ds.get(keyword)
     except Exception:
@@ -156,10 +179,10 @@ def _uid(ds: Dataset, tag: int) -> str:
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    """An IS value as int; None when absent, multi-valued or not a number."""
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
-    except Exception:
+        return int(_text(ds, keyword))
+    except ValueError:
         return None
 
 
@@ -357,7 +380,7 @@ class Store:
                                f"dataset does not parse: {str(exc)[:200]}") from None
             _validate(h, str(sop_class_uid), str(sop_instance_uid), str(transfer_syntax))
 
-            existing = Instance.get_or_none(Instance.sop_instance_uid == h.sop_instance_uid)
+            existing = self._existing(h.sop_instance_uid)
             if existing is not None and self._on_duplicate != "replace":
                 return self._duplicate(existing, h, size)
 
@@ -366,7 +389,8 @@ class Store:
             outcome, old_sha = self._index(h, published, size, str(transfer_syntax), origin)
             if outcome != "stored":  # raced with another store of the same UID
                 self._discard_if_unreferenced(published)
-                existing = Instance.get(Instance.sop_instance_uid == h.sop_instance_uid)
+                existing = self._existing(h.sop_instance_uid)
+                assert existing is not None
                 return self._duplicate(existing, h, size)
             if old_sha and old_sha != published:
                 self._discard_if_unreferenced(old_sha)
@@ -391,11 +415,17 @@ class Store:
             else:
                 spool.close()  # renamed into place (or removed by _cleanup)
 
-    def _duplicate(self, existing: Instance, h: _Header, size: int) -> IngestResult:
+    def _existing(self, sop_instance_uid: str) -> tuple[str, int] | None:
+        """(sha256, size) of the stored instance with this UID, if any."""
+        row = _exec(self.db, "SELECT sha256, size FROM instance WHERE sop_instance_uid = ?",
+                    (sop_instance_uid,)).fetchone()
+        return None if row is None else (str(row[0]), int(row[1]))
+
+    def _duplicate(self, existing: tuple[str, int], h: _Header, size: int) -> IngestResult:
         if self._on_duplicate == "reject":
             raise _Refused(DUPLICATE_REJECTED, f"SOP Instance UID {h.sop_instance_uid} "
                            "already stored (storage.on_duplicate=reject)")
-        return IngestResult(SUCCESS, False, True, existing.sha256, existing.size,
+        return IngestResult(SUCCESS, False, True, existing[0], existing[1],
                             h.study_uid, h.patient["patient_id"], "duplicate kept")
 
     def _cleanup(self, spool: SpoolFile, published: str | None) -> None:
@@ -407,7 +437,8 @@ class Store:
 
     def _discard_if_unreferenced(self, sha256: str) -> None:
         try:
-            if not Instance.select().where(Instance.sha256 == sha256).exists():
+            cur = _exec(self.db, "SELECT 1 FROM instance WHERE sha256 = ? LIMIT 1", (sha256,))
+            if cur.fetchone() is None:
                 self.objects.remove(sha256)
         except Exception:
             log.exception("store.cleanup_failed", sha256=sha256)
@@ -417,49 +448,42 @@ class Store:
         """Upsert patient/study/series/instance in one short write transaction.
 
         Returns ("stored", previous sha256 or None) or ("duplicate", None) when another
-        writer stored the UID first and the policy keeps or rejects.
+        writer stored the UID first and the policy keeps or rejects. Plain parameterized
+        SQL (no query building): this runs once per received instance.
         """
         now = _now()
+        sql = functools.partial(_exec, self.db)
         with self.db.atomic("IMMEDIATE"):
-            row = Instance.get_or_none(Instance.sop_instance_uid == h.sop_instance_uid)
+            row = sql(_SQL_INSTANCE_BY_UID, (h.sop_instance_uid,)).fetchone()
             if row is not None and self._on_duplicate != "replace":
                 return "duplicate", None
-            patient = _upsert(Patient, (Patient.patient_id == h.patient["patient_id"])
-                              & (Patient.issuer_of_patient_id
-                                 == h.patient["issuer_of_patient_id"]),
-                              {**h.patient, "specific_charset": h.charset}, now)
-            study = Study.get_or_none(Study.study_instance_uid == h.study_uid)
-            values: dict[str, Any] = {**h.study, "specific_charset": h.charset}
-            modalities = set(filter(None, (study.modalities_in_study if study else "")
-                                    .split("\\")))
-            if h.modality:
-                modalities.add(h.modality)
-            values["modalities_in_study"] = "\\".join(sorted(modalities))
-            if study is None:
-                study = Study.create(patient=patient, study_instance_uid=h.study_uid,
-                                     created=now, updated=now, **values)
-            else:
-                _update(study, values, now)
-            series = Series.get_or_none(Series.series_instance_uid == h.series_uid)
-            svalues = {"modality": h.modality, "series_number": h.series_number,
-                       "series_description": h.series_description}
-            if series is None:
-                series = Series.create(study=study, series_instance_uid=h.series_uid,
-                                       created=now, updated=now, **svalues)
-            else:
-                _update(series, svalues, now)
-            ivalues = {"series": series.pk, "sop_class_uid": h.sop_class_uid,
-                       "instance_number": h.instance_number, "sha256": sha256, "size": size,
-                       "transfer_syntax": transfer_syntax, "received": now,
-                       "calling_ae": origin.calling_ae, "source_ip": origin.source_ip,
-                       "username": origin.username, "assoc_id": origin.assoc_id,
-                       "key_version": None}
+            patient_pk = _upsert(sql, "patient", {
+                "patient_id": h.patient["patient_id"],
+                "issuer_of_patient_id": h.patient["issuer_of_patient_id"]},
+                {**h.patient, "specific_charset": h.charset}, now)
+
+            def study_values(current: dict[str, Any] | None) -> dict[str, Any]:
+                modalities = set(filter(None, (current or {}).get("modalities_in_study", "")
+                                        .split("\\")))
+                if h.modality:
+                    modalities.add(h.modality)
+                return {**h.study, "specific_charset": h.charset,
+                        "modalities_in_study": "\\".join(sorted(modalities))}
+
+            study_pk = _upsert(sql, "study", {"study_instance_uid": h.study_uid},
+                               study_values, now, {"patient_pk": patient_pk})
+            series_pk = _upsert(sql, "series", {"series_instance_uid": h.series_uid},
+                                {"modality": h.modality, "series_number": h.series_number,
+                                 "series_description": h.series_description},
+                                now, {"study_pk": study_pk})
+            values = (series_pk, h.sop_class_uid, h.instance_number, sha256, size,
+                      transfer_syntax, now, origin.calling_ae, origin.source_ip,
+                      origin.username, origin.assoc_id, None)
             if row is None:
-                Instance.create(sop_instance_uid=h.sop_instance_uid, **ivalues)
+                sql(_SQL_INSTANCE_INSERT, (h.sop_instance_uid, *values))
                 return "stored", None
-            old = row.sha256
-            Instance.update(**ivalues).where(Instance.pk == row.pk).execute()
-            return "stored", old
+            sql(_SQL_INSTANCE_UPDATE, (*values, row[0]))
+            return "stored", str(row[1])
 
     # -- import ---------------------------------------------------------------------
     def ingest_part10_file(self, path: str | Path, origin: Origin) -> IngestResult:
@@ -470,7 +494,7 @@ class Store:
         """
         with open(path, "rb") as f:
             try:
-                meta = read_part10_meta(f)  # type: ignore[arg-type]
+                meta = read_part10_meta(f)
             except ValueError as exc:
                 return IngestResult(CANNOT_UNDERSTAND, False, False, "", 0, "", "", str(exc))
             sop_class = _uid_value(meta.get(0x0002))
@@ -502,18 +526,50 @@ class Store:
         return self.objects.verified_path(sha256)
 
 
-def _upsert(model: Any, where: Any, values: dict[str, Any], now: str) -> Any:
-    row = model.get_or_none(where)
-    if row is None:
-        return model.create(created=now, updated=now, **values)
-    _update(row, values, now)
-    return row
+_INSTANCE_COLUMNS = ("series_pk", "sop_class_uid", "instance_number", "sha256", "size",
+                     "transfer_syntax", "received", "calling_ae", "source_ip", "username",
+                     "assoc_id", "key_version")
+_SQL_INSTANCE_BY_UID = "SELECT pk, sha256 FROM instance WHERE sop_instance_uid = ?"
+_SQL_INSTANCE_INSERT = (
+    f"INSERT INTO instance (sop_instance_uid, {', '.join(_INSTANCE_COLUMNS)}) "  # noqa: S608
+    f"VALUES ({', '.join('?' * (len(_INSTANCE_COLUMNS) + 1))})"
+)
+_SQL_INSTANCE_UPDATE = (
+    f"UPDATE instance SET {', '.join(c + ' = ?' for c in _INSTANCE_COLUMNS)} "  # noqa: S608
+    "WHERE pk = ?"
+)
 
 
-def _update(row: Any, values: dict[str, Any], now: str) -> None:
-    """Latest object wins for descriptive attributes; write only when something changed."""
-    changed = {k: v for k, v in values.items() if getattr(row, k) != v}
+def _exec(db: peewee.SqliteDatabase, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+    return db.execute_sql(query, params)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _upsert(sql: Callable[..., sqlite3.Cursor], table: str, keys: dict[str, Any],
+            values: dict[str, Any] | Any, now: str,
+            insert_only: dict[str, Any] | None = None) -> int:
+    """Find the row of `table` with `keys`, insert it or update changed `values`; its pk.
+
+    `values` is a dict or a function of the current row (None when new) returning one;
+    the latest object wins for descriptive attributes. Table and column names are our
+    constants; every value is a parameter.
+    """
+    cols = tuple(values(None)) if callable(values) else tuple(values)
+    where = " AND ".join(f"{k} = ?" for k in keys)
+    cur = sql(f"SELECT pk, {', '.join(cols)} FROM {table} WHERE {where}",  # noqa: S608
+              tuple(keys.values()))
+    found = cur.fetchone()
+    if found is None:
+        new = values(None) if callable(values) else values
+        row = {**keys, **(insert_only or {}), **new, "created": now, "updated": now}
+        cur = sql(f"INSERT INTO {table} ({', '.join(row)}) "  # noqa: S608
+                  f"VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+    current = dict(zip(cols, found[1:], strict=True))
+    new = values(current) if callable(values) else values
+    changed = {k: v for k, v in new.items() if current.get(k) != v}
     if changed:
-        type(row).update(updated=now, **changed).where(type(row).pk == row.pk).execute()
-        for k, v in changed.items():
-            setattr(row, k, v)
+        sets = ", ".join(f"{k} = ?" for k in changed)
+        sql(f"UPDATE {table} SET {sets}, updated = ? WHERE pk = ?",  # noqa: S608
+            (*changed.values(), now, found[0]))
+    return int(found[0])

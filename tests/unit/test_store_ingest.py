@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import peewee
 import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -373,10 +372,8 @@ def test_max_object_mb(tmp_path: Path) -> None:
 
 def test_index_failure_leaves_no_file_and_no_row(store: Store,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    def boom(*_a: Any, **_k: Any) -> None:
-        raise peewee.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(Instance, "create", boom)
+    # the last statement of the transaction fails (after patient/study/series rows)
+    monkeypatch.setattr(ingest, "_SQL_INSTANCE_INSERT", "INSERT INTO no_such_table VALUES (?)")
     r = put(store, make_dataset())
     assert r.status == OUT_OF_RESOURCES and not r.stored
     assert_nothing_stored(store)
