@@ -130,14 +130,10 @@ class Sequencer:
         except EnvironmentProblem:
             self._lock.release()
             raise
-        self._url, self._ca, self._cert, self._key = a.syslog, a.syslog_ca, a.syslog_cert, \
-            a.syslog_key
-        self._facility = FACILITIES[a.facility]
-        self._atna = a.format == "atna"
-        self._node_ae = cfg.node.ae_title
+        self._apply(cfg)
+        self._pending_cfg: Config | None = None
         self._hostname = socket.gethostname()
         self._pid = os.getpid()
-        self._alert_failures, self._alert_window = a.alert_failures, a.alert_window
         self._failures: dict[str, deque[float]] = {}
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=a.queue_size)
         self._count_lock = threading.Lock()
@@ -203,6 +199,24 @@ class Sequencer:
             self._transport = None
         self._lock.release()
 
+    def reconfigure(self, cfg: Config) -> None:
+        """On reload: take the new target, format, facility and alert thresholds.
+
+        The spool directory and queue size stay as started (they need a restart).
+        """
+        if cfg.audit.spool != str(self.spool) or cfg.audit.queue_size != self._queue.maxsize:
+            log.warning("audit_reload_partial", detail="spool and queue_size apply at restart")
+        self._pending_cfg = cfg
+
+    def _apply(self, cfg: Config) -> None:
+        a = cfg.audit
+        self._url, self._ca, self._cert, self._key = (a.syslog, a.syslog_ca, a.syslog_cert,
+                                                      a.syslog_key)
+        self._facility = FACILITIES[a.facility]
+        self._atna = a.format == "atna"
+        self._node_ae = cfg.node.ae_title
+        self._alert_failures, self._alert_window = a.alert_failures, a.alert_window
+
     @property
     def state(self) -> tuple[int, str]:
         return self._state.seq, self._state.chain
@@ -218,6 +232,14 @@ class Sequencer:
                     batch.append(self._queue.get_nowait())
             except queue.Empty:
                 pass
+            pending, self._pending_cfg = self._pending_cfg, None
+            if pending is not None:
+                self._apply(pending)
+                if self._transport is not None:
+                    self._transport.close()
+                    self._transport = None
+                self._next_try = 0.0
+                self._backoff = self._retry_initial
             try:
                 self._process(batch)
             except Exception:  # the sequencer must outlive any one bad record
@@ -230,9 +252,14 @@ class Sequencer:
     def _process(self, batch: list[dict[str, Any]]) -> None:
         out: list[bytes] = []
         for rec in batch:
-            out.append(self._seal(rec))
-            for alert in self._alerts(rec, self._state.seq):
-                out.append(self._seal(alert))
+            try:
+                out.append(self._seal(rec))
+                out.extend(self._seal(alert) for alert in self._alerts(rec, self._state.seq))
+            except (ValueError, TypeError, KeyError) as exc:  # one bad record, not the batch
+                log.error("audit_record_unsealable", audit_event=str(rec.get("event")),
+                          error=str(exc))
+                with self._count_lock:
+                    self.dropped += 1
         with self._count_lock:
             lost = self.dropped - self._dropped_reported
             self._dropped_reported = self.dropped

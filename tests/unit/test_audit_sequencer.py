@@ -136,8 +136,10 @@ class GatedSequencer(Sequencer):
     """Holds its thread until released, so the bounded queue fills deterministically."""
 
     gate: threading.Event
+    entered: threading.Event
 
     def _process(self, batch: list[dict[str, Any]]) -> None:
+        self.entered.set()
         self.gate.wait(20)
         super()._process(batch)
 
@@ -145,13 +147,15 @@ class GatedSequencer(Sequencer):
 def test_full_queue_drops_without_blocking_and_audits_the_count(short_tmp: Path) -> None:
     collector = Collector(f"{short_tmp}/log.sock")
     GatedSequencer.gate = threading.Event()
+    GatedSequencer.entered = threading.Event()
     try:
         seq = GatedSequencer(make_cfg(short_tmp, queue_size=100), listen=False)
+        assert GatedSequencer.entered.wait(5)  # its thread now holds an (empty) batch
         t0 = time.perf_counter()
         for i in range(1000):
             seq.submit(rec(Event.DICOM_QUERY, n=i))
         elapsed = time.perf_counter() - t0
-        assert seq.dropped >= 890
+        assert seq.dropped == 900
         GatedSequencer.gate.set()
         assert seq.flush(10)
         seq.shutdown(5)
@@ -247,3 +251,19 @@ def test_standalone_sequences_locally_then_forwards_to_a_live_sequencer(short_tm
         collector.close()
     assert [(r["seq"], r["action"]) for r in got] == [(1, "add"), (2, "remove")]
     assert chain.check_lines(iter(collector.lines))[0]
+
+
+def test_reconfigure_switches_target_and_replays_the_spool(short_tmp: Path) -> None:
+    seq = Sequencer(make_cfg(short_tmp, syslog=f"unix://{short_tmp}/old.sock"), listen=False)
+    collector = Collector(f"{short_tmp}/new.sock")
+    try:
+        seq.submit(rec(Event.APP_START))
+        assert not seq.flush(0.5)  # old target is gone: spooled
+        seq.reconfigure(make_cfg(short_tmp, syslog=f"unix://{short_tmp}/new.sock"))
+        seq.submit(rec(Event.CONFIG_RELOAD))
+        assert seq.flush(5)
+        seq.shutdown(5)
+        got = collector.wait(2)
+    finally:
+        collector.close()
+    assert [(r["seq"], r["event"]) for r in got] == [(1, "app.start"), (2, "config.reload")]
