@@ -331,7 +331,9 @@ class Store:
         db = open_index_db(cfg)
         objects = ObjectStore(cfg.storage.root)
         objects.ensure()
-        swept = objects.sweep_tmp()
+        swept = objects.sweep_tmp(
+            lambda sha: _exec(db, "SELECT 1 FROM instance WHERE sha256 = ? LIMIT 1",
+                              (sha,)).fetchone() is not None)
         if swept:
             log.info("store.swept_temp_files", count=swept, dir=str(objects.tmp))
         return cls(cfg, db, objects, swept)
@@ -410,10 +412,7 @@ class Store:
             return IngestResult(CANNOT_UNDERSTAND, False, False, "", size, "", "",
                                 f"internal error: {type(exc).__name__}")
         finally:
-            if published is None:
-                spool.abort()
-            else:
-                spool.close()  # renamed into place (or removed by _cleanup)
+            spool.abort()  # the temp name (after publish only a second link) goes
 
     def _existing(self, sop_instance_uid: str) -> tuple[str, int] | None:
         """(sha256, size) of the stored instance with this UID, if any."""

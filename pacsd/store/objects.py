@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -260,23 +260,34 @@ class ObjectStore:
         self._known_dirs.add(key)
 
     def publish(self, spool: SpoolFile) -> Path:
-        """fsync the spool and rename it to its content address; fsync the directory.
+        """fsync the spool and hard-link it at its content address; fsync the directory.
 
-        An object with the same digest already there is replaced by this (identical,
-        freshly written) copy, which also heals a damaged one. Raises OSError.
+        The temp name stays as a marker until the caller has committed the index row and
+        calls spool.abort() (which then only drops the marker): a crash in between leaves
+        a temp file with a second link, and the next sweep removes both when no row
+        references the object. An object with the same digest already there is replaced
+        by this identical, freshly written copy (which also heals a damaged one).
+        Raises OSError.
         """
         sha = spool.finish()
         dest = self.path_for(sha)
         self._ensure_dir(dest.parent)
         try:
-            Path(spool.name).replace(dest)
+            self._link_or_replace(spool.name, dest)
         except FileNotFoundError:
             # the directory vanished under us (e.g. removed by an operator): recreate once
             self._known_dirs.discard(str(dest.parent))
             self._ensure_dir(dest.parent)
-            Path(spool.name).replace(dest)
+            self._link_or_replace(spool.name, dest)
         _sync_directory(dest.parent)
         return dest
+
+    @staticmethod
+    def _link_or_replace(src: str, dest: Path) -> None:
+        try:
+            os.link(src, dest)
+        except FileExistsError:
+            Path(src).replace(dest)
 
     def remove(self, sha256: str) -> bool:
         """Unlink an object (durably); False when it was not there."""
@@ -333,11 +344,21 @@ class ObjectStore:
             if not _in_use(entry.path):
                 yield Path(entry.path)
 
-    def sweep_tmp(self) -> int:
-        """Remove crash leftovers from root/.tmp; returns how many were removed."""
+    def sweep_tmp(self, is_referenced: Callable[[str], bool] | None = None) -> int:
+        """Remove crash leftovers from root/.tmp; returns how many were removed.
+
+        A leftover with a second link was published but maybe never indexed: its object
+        is removed too unless `is_referenced(sha256)` says a row points to it (without
+        the callback such objects are left alone).
+        """
         removed = 0
         for p in list(self.temp_leftovers()):
             try:
+                if p.stat().st_nlink > 1 and is_referenced is not None:
+                    sha = hash_file(p)
+                    dest = self.path_for(sha)
+                    if dest.exists() and dest.samefile(p) and not is_referenced(sha):
+                        self.remove(sha)
                 p.unlink()
                 removed += 1
             except FileNotFoundError:

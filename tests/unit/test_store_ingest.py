@@ -411,6 +411,40 @@ def test_failure_during_write_then_restart_sweeps_leftover(tmp_path: Path) -> No
     reopened.close()
 
 
+def test_crash_between_publish_and_commit_is_undone_at_restart(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    store = Store.open(cfg)
+    committed = put(store, make_dataset())  # an indexed object must survive the sweep
+    sp = store.spool()
+    sp.write(part10(make_dataset()))
+    dest = store.objects.publish(sp)  # linked into place, then the process dies:
+    sp.close()
+    assert dest.exists()
+    store.close()
+    reopened = Store.open(cfg)
+    assert reopened.swept == 1
+    assert not dest.exists()
+    assert object_files(reopened) == [reopened.objects.path_for(committed.sha256)]
+    assert list(reopened.objects.tmp.iterdir()) == []
+    reopened.close()
+
+
+def test_crash_after_commit_keeps_the_object(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path)
+    store = Store.open(cfg)
+    monkeypatch.setattr(objects.SpoolFile, "abort", objects.SpoolFile.close)  # dies before
+    r = put(store, make_dataset())  # dropping the temp name
+    monkeypatch.undo()
+    assert len(list(store.objects.tmp.iterdir())) == 1
+    store.close()
+    reopened = Store.open(cfg)
+    assert reopened.swept == 1
+    assert object_files(reopened) == [reopened.objects.path_for(r.sha256)]
+    assert objects.hash_file(reopened.objects.path_for(r.sha256)) == r.sha256
+    reopened.close()
+
+
 def test_concurrent_ingest_from_threads(store: Store) -> None:
     study, series = generate_uid(), generate_uid()
     results: list[IngestResult] = []

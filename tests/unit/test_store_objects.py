@@ -89,7 +89,9 @@ def test_publish_is_content_addressed_and_verified_read(tmp_path: Path) -> None:
     sp = store.spool()
     sp.write(b"hello world")
     dest = store.publish(sp)
-    sp.close()
+    assert dest.stat().st_nlink == 2  # the temp name stays as a marker until committed
+    sp.abort()
+    assert dest.stat().st_nlink == 1
     sha = hashlib.sha256(b"hello world").hexdigest()
     assert dest == tmp_path / "objects" / sha[:2] / sha[2:4] / f"{sha}.dcm"
     assert dest.read_bytes() == b"hello world"
