@@ -107,6 +107,8 @@ def ensure_spool(spool: Path) -> None:
     """Create the spool directory 0700; raises EnvironmentProblem if impossible."""
     try:
         spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if spool.stat().st_mode & 0o077 and spool.stat().st_uid == os.getuid():
+            spool.chmod(0o700)  # it holds audit records: for our eyes only
     except OSError as exc:
         raise EnvironmentProblem(f"{spool}: cannot create audit spool: {exc}") from None
 

@@ -12,6 +12,7 @@ line; their client never blocks the caller either.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -281,7 +282,7 @@ class Sequencer:
             rec["seq"] = seq
             new_chain = chain.link(self._state.chain, chain.json_payload(rec))
             rec["chain"] = new_chain
-            body = _render_json(None, "audit", rec)
+            body = str(_render_json(None, "audit", rec))
             sd = "-"
         self._state.seq, self._state.chain = seq, new_chain
         event = rec["event"]
@@ -329,10 +330,22 @@ class Sequencer:
             try:
                 self._transport.send(msg)
             except OSError as exc:
+                if self._oversized(exc):
+                    continue
                 self._lost_connection(exc)
                 self._append_spool(msgs[i:])
                 return
             self.sent += 1
+
+    def _oversized(self, exc: OSError) -> bool:
+        """A datagram too big for this transport can never be sent: count it as dropped
+        (audited as audit.dropped) rather than let it block the spool forever."""
+        if exc.errno != errno.EMSGSIZE:
+            return False
+        log.error("audit_message_too_large", target=self._url)
+        with self._count_lock:
+            self.dropped += 1
+        return True
 
     def _connected(self) -> bool:
         if self._transport is not None:
@@ -397,6 +410,9 @@ class Sequencer:
                 try:
                     self._transport.send(line[:-1])
                 except OSError as exc:
+                    if self._oversized(exc):
+                        offset += len(line)
+                        continue
                     self._lost_connection(exc)
                     self._state.spool_offset = offset
                     chain.save_state(self.spool, self._state)

@@ -267,3 +267,18 @@ def test_reconfigure_switches_target_and_replays_the_spool(short_tmp: Path) -> N
     finally:
         collector.close()
     assert [(r["seq"], r["event"]) for r in got] == [(1, "app.start"), (2, "config.reload")]
+
+
+def test_an_oversized_datagram_is_dropped_and_counted_not_stuck(short_tmp: Path) -> None:
+    collector = Collector(f"{short_tmp}/log.sock")
+    try:
+        seq = Sequencer(make_cfg(short_tmp), listen=False)
+        seq.submit(rec(Event.DICOM_STORE, uids=["1.2.3.4.5.6.7.8.9"] * 40_000))  # > 256 KiB
+        seq.submit(rec(Event.DICOM_STORE, n=1))
+        assert seq.flush(5)
+        seq.shutdown(5)
+        got = collector.wait(2)
+    finally:
+        collector.close()
+    assert [(r["seq"], r["event"]) for r in got][:2] == [(2, "dicom.store"), (3, "audit.dropped")]
+    assert got[1]["count"] == 1
