@@ -42,6 +42,11 @@ def _configure_pynetdicom(services: Services) -> None:
     # C-MOVE/C-GET stream each verified object from its file, as stored (scp/qr.py).
     _config.STORE_SEND_CHUNKED_DATASET = True
     dimse_messages.NamedTemporaryFile = lambda *a, **kw: services.store.spool()  # type: ignore[assignment]
+    # File meta written by our packer (same bytes, ~2 µs) instead of pydicom (~0.9 ms).
+    from pacsd.store import filemeta
+
+    dimse_messages.create_file_meta = filemeta.create_meta_uids  # type: ignore[assignment]
+    dimse_messages.write_file_meta_info = filemeta.write_meta_uids  # type: ignore[assignment]
     _config.LOG_HANDLER_LEVEL = "none"
     # Values from peers are validated by our own rules; do not let pydicom reject or fix
     # them silently while decoding command sets.
