@@ -149,3 +149,17 @@ def test_write_all_handles_short_writes(monkeypatch: pytest.MonkeyPatch,
     objects._write_all(fd, [b"abcdefghij", bytearray(b"KLMNOPQRSTUVWXYZ")])
     os.close(fd)
     assert p.read_bytes() == b"abcdefghijKLMNOPQRSTUVWXYZ"
+
+
+def test_pynetdicom_stand_ins_write_the_same_group(tmp_path: Path) -> None:
+    """What app.py binds into pynetdicom's dimse_messages writes what pydicom would."""
+    sp = SpoolFile(tmp_path)
+    sp.write(b"\x00" * 128)  # pynetdicom writes preamble and DICM itself
+    sp.write(b"DICM")
+    filemeta.write_meta_uids(sp, filemeta.create_meta_uids(
+        sop_class_uid=UID(CT), sop_instance_uid=UID("1.2.3.4"),
+        transfer_syntax=UID("1.2.840.10008.1.2.1")))
+    sp.close()
+    assert Path(sp.name).read_bytes() == filemeta.file_meta_bytes(CT, "1.2.3.4",
+                                                                  "1.2.840.10008.1.2.1")
+    sp.abort()
