@@ -214,6 +214,8 @@ class Supervisor:
             sd_notify("READY=1\nSTATUS=reload refused; running with the previous configuration")
             return
         self.cfg = new
+        if self.sequencer is not None:
+            self.sequencer.reconfigure(new)  # new syslog target, format, alert thresholds
         for i, old in enumerate(list(self.workers)):
             fresh = self._spawn(old.index)
             try:

@@ -121,7 +121,12 @@ class ChainLock:
         self._fd: int | None = None
 
     def try_acquire(self) -> bool:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        """Take the lock if free; raises EnvironmentProblem if the lock file is not ours to open."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise EnvironmentProblem(f"{self.path}: cannot open the audit chain lock: "
+                                     f"{exc.strerror} (run as the pacsd user?)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
