@@ -124,7 +124,7 @@ def _verify_passcode(
         return _fail(cfg, row, "expired", ip, now, count_account=False)
 
     step: int | None = None
-    if has_totp:
+    if row.totp_secret is not None:
         try:
             secret = sealed.box_for(cfg).unseal(row.totp_secret, aad=aad_for(row.name))
         except EnvironmentProblem as exc:

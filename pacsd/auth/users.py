@@ -23,6 +23,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 class User(AuthModel):
+    id = peewee.AutoField()
     name = peewee.TextField(unique=True)
     role = peewee.TextField()
     password_hash = peewee.TextField()
@@ -47,6 +48,7 @@ class User(AuthModel):
 
 
 class PasswordHistory(AuthModel):
+    id = peewee.AutoField()
     user = peewee.ForeignKeyField(User, on_delete="CASCADE", column_name="user_id")
     password_hash = peewee.TextField()
     retired = peewee.FloatField()
@@ -56,6 +58,7 @@ class PasswordHistory(AuthModel):
 
 
 class UserSource(AuthModel):
+    id = peewee.AutoField()
     user = peewee.ForeignKeyField(User, on_delete="CASCADE", column_name="user_id")
     address = peewee.TextField()
     first_seen = peewee.FloatField()
@@ -263,7 +266,7 @@ def accept_totp_step(row: User, step: int) -> bool:
                & (User.totp_last_step.is_null() | (User.totp_last_step < step)))
         .execute()
     )
-    return n == 1
+    return bool(n == 1)
 
 
 def register_success(row: User, address: str, now: float, new_hash: str | None) -> bool:
