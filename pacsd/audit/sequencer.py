@@ -148,6 +148,8 @@ class Sequencer:
         self._next_try = 0.0
         self._down_logged = False
         self._spool_path = self.spool / SPOOL_FILE
+        if self._state.spool_offset > self._spool_size():  # spool truncated behind our back
+            self._state.spool_offset = 0
         self._spool_pending = self._spool_size() > self._state.spool_offset
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-sequencer", daemon=True)
