@@ -1,0 +1,441 @@
+"""Query/Retrieve SCP: pynetdicom handlers for C-FIND, C-MOVE and C-GET (DESIGN §5, §6).
+
+Thin handlers: gate 5 (`services.permitted`), `store.query` turns the identifier into SQL,
+`store.retrieve` selects and verifies the objects, and each request leaves one audit record
+(`dicom.query` or `dicom.retrieve`; `integrity.failure` per object that fails its check).
+
+How the sub-operations stream. pynetdicom's C-MOVE/C-GET service class sends what the
+handler yields with `send_c_store`; we yield a placeholder (SOP Class/Instance UID only)
+per instance and wrap `send_c_store` of the association that carries the C-STOREs, so
+that each object is verified and then streamed from its file (STORE_SEND_CHUNKED_DATASET,
+set in app.py): memory stays flat, the bytes sent are the bytes stored, and a corrupted
+object raises before anything is sent, which pynetdicom counts as a failed sub-operation
+with its SOP Instance UID in the Failed SOP Instance UID List.
+
+Statuses pynetdicom would otherwise fix (a refused C-MOVE is only expressible as A801, a
+refused C-GET as "0 sub-operations, success", an unreachable destination as A801) are
+corrected on their way out by a per-association filter on `dimse.send_msg`
+(`_Replies`), so every refusal carries its own status and an ErrorComment.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+
+from pacsd import audit
+from pacsd.auth import aes
+from pacsd.scp import status
+from pacsd.scp.state import AssocState, Services
+from pacsd.store import query, retrieve
+from pacsd.store.objects import IntegrityError
+from pacsd.store.query import PATIENT_ROOT, STUDY_ROOT, QueryError, Selected
+
+log = logging.getLogger("pacsd.qr")
+
+FIND_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.1": PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.1": STUDY_ROOT,
+}
+MOVE_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.2": PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.2": STUDY_ROOT,
+}
+GET_MODELS = {
+    "1.2.840.10008.5.1.4.1.2.1.3": PATIENT_ROOT,
+    "1.2.840.10008.5.1.4.1.2.2.3": STUDY_ROOT,
+}
+MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
+_STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+
+
+# ---------------------------------------------------------------------------- wiring
+def add_contexts(ae: Any) -> None:
+    """Support Patient/Study Root FIND, MOVE, GET; accept SCP/SCU role selection on every
+    storage context so a C-GET requestor can take the SCP role for its C-STOREs."""
+    for uid in (*FIND_MODELS, *MOVE_MODELS, *GET_MODELS):
+        ae.add_supported_context(uid)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+
+
+def event_handlers(services: Services) -> list[tuple[Any, Callable[..., Any], list[Any]]]:
+    s = [services]
+    return [
+        (evt.EVT_C_FIND, handle_find, s),
+        (evt.EVT_C_MOVE, handle_move, s),
+        (evt.EVT_C_GET, handle_get, s),
+    ]
+
+
+def _status_ds(code: int, comment: str = "", offending: int | None = None) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    if offending is not None:
+        ds.OffendingElement = [offending]
+    return ds
+
+
+# ---------------------------------------------------------------------------- C-FIND
+def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset | None]]:
+    """EVT_C_FIND: yields (Pending, identifier) per match, then the final status."""
+    state: AssocState = event.assoc.pacsd_state
+    model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
+    fields: dict[str, Any] = {"model": model, **state.audit_context()}
+    if not services.permitted(state, "find"):
+        services.refuse_request(state, "find")
+        _audit_query(fields, audit.Outcome.SERIOUS, reason="find not permitted")
+        yield _status_ds(status.REFUSED_NOT_AUTHORIZED, "C-FIND not permitted"), None
+        return
+    limit = services.cfg.query.max_results
+    matches = 0
+    try:
+        q = query.parse(_identifier(event), model)
+        fields.update(q.summary())
+        results = query.find(q, limit=limit,
+                             case_insensitive=services.cfg.query.case_insensitive_names,
+                             retrieve_ae=services.cfg.node.ae_title)
+        for ds in results:
+            if event.is_cancelled:
+                _audit_query(fields, audit.Outcome.SUCCESS, matches=matches, cancelled=True)
+                yield status.CANCEL, None
+                return
+            if matches == limit:
+                comment = f"more than {limit} matches (query.max_results); refine the query"
+                _audit_query(fields, audit.Outcome.MINOR, matches=matches, truncated=True)
+                yield _status_ds(status.OUT_OF_RESOURCES, comment), None
+                return
+            matches += 1
+            yield status.PENDING, ds
+    except QueryError as exc:
+        _audit_query(fields, audit.Outcome.MINOR, reason=exc.comment)
+        yield _status_ds(exc.status, exc.comment, exc.offending), None
+        return
+    except Exception as exc:  # a database or decoding fault: answer, audit, keep serving
+        log.exception("C-FIND failed")
+        _audit_query(fields, audit.Outcome.MAJOR, matches=matches, reason=type(exc).__name__)
+        yield _status_ds(status.UNABLE_TO_PROCESS, "query failed"), None
+        return
+    _audit_query(fields, audit.Outcome.SUCCESS, matches=matches)
+    yield status.SUCCESS, None
+
+
+def _identifier(event: Any) -> Dataset:
+    try:
+        ds = event.identifier
+    except Exception as exc:
+        raise QueryError(status.CANNOT_UNDERSTAND, f"identifier does not decode: {exc}") \
+            from None
+    if not isinstance(ds, Dataset):
+        raise QueryError(status.CANNOT_UNDERSTAND, "no identifier")
+    return ds
+
+
+def _audit_query(fields: dict[str, Any], outcome: audit.Outcome, **more: Any) -> None:
+    audit.record(audit.Event("dicom.query"), outcome, **fields, **more)
+
+
+# ---------------------------------------------------------------------------- replies
+class _Replies:
+    """Filter on one association's outgoing DIMSE messages: rewrites the final C-MOVE or
+    C-GET response of one request when pynetdicom cannot express the status we mean."""
+
+    def __init__(self, assoc: Any) -> None:
+        self._send = assoc.dimse.send_msg
+        self._lock = threading.Lock()
+        self._rewrites: dict[int, Callable[[Any], None]] = {}
+        assoc.dimse.send_msg = self._filter
+
+    @classmethod
+    def of(cls, assoc: Any) -> _Replies:
+        replies = getattr(assoc, "_pacsd_replies", None)
+        if replies is None:
+            replies = cls(assoc)
+            assoc._pacsd_replies = replies
+        return replies  # type: ignore[no-any-return]
+
+    def rewrite(self, msg_id: int, fn: Callable[[Any], None]) -> None:
+        with self._lock:
+            self._rewrites[msg_id] = fn
+
+    def clear(self, msg_id: int) -> None:
+        with self._lock:
+            self._rewrites.pop(msg_id, None)
+
+    def _filter(self, primitive: Any, context_id: int) -> None:
+        if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (
+                status.PENDING, status.PENDING_WARNING):
+            with self._lock:
+                fn = self._rewrites.pop(int(primitive.MessageIDBeingRespondedTo or 0), None)
+            if fn is not None:
+                fn(primitive)
+        self._send(primitive, context_id)
+
+
+def _refusal(code: int, comment: str) -> Callable[[Any], None]:
+    def apply(rsp: Any) -> None:
+        rsp.Status = code
+        rsp.ErrorComment = comment[:64]
+        rsp.Identifier = None
+        rsp.NumberOfRemainingSuboperations = None
+        rsp.NumberOfCompletedSuboperations = None
+        rsp.NumberOfFailedSuboperations = None
+        rsp.NumberOfWarningSuboperations = None
+    return apply
+
+
+# ---------------------------------------------------------------------------- retrieve
+class _Retrieval:
+    """One C-MOVE or C-GET: the selected instances, the sender wrapper and the tally."""
+
+    def __init__(self, services: Services, state: AssocState, service: str) -> None:
+        self.services = services
+        self.state = state
+        self.service = service
+        self.tally = retrieve.Tally()
+        self.fields: dict[str, Any] = {"service": service, **state.audit_context()}
+        self.pending: dict[str, Selected] = {}
+        self.refused_destination = ""  # set when the destination's certificate is wrong
+        self.established = False
+        objects = getattr(services.store, "objects", None)
+        self.tmp_dir = getattr(objects, "tmp", None)
+
+    def placeholder(self, sel: Selected) -> Dataset:
+        ds = Dataset()
+        ds.SOPClassUID = sel.sop_class_uid
+        ds.SOPInstanceUID = sel.sop_instance_uid
+        self.pending[sel.sop_instance_uid] = sel
+        return ds
+
+    def wrap(self, assoc: Any) -> None:
+        """Route `assoc.send_c_store` of our placeholders through verify-then-stream."""
+        original = assoc.send_c_store
+
+        def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            uid = str(getattr(dataset, "SOPInstanceUID", "")) \
+                if isinstance(dataset, Dataset) else ""
+            sel = self.pending.pop(uid, None)
+            if sel is None:
+                return original(dataset, *args, **kwargs)
+            return self._send(original, sel, *args, **kwargs)
+
+        assoc.send_c_store = send_c_store
+
+    def _send(self, original: Callable[..., Any], sel: Selected, *args: Any,
+              **kwargs: Any) -> Any:
+        if self.refused_destination:
+            self.tally.done(sel, "failure")
+            raise PermissionError(self.refused_destination)
+        try:
+            with retrieve.verified_source(self.services.store, sel.sha256,
+                                          self.tmp_dir) as path:
+                rsp = original(path, *args, **kwargs)
+        except IntegrityError as exc:
+            self.tally.done(sel, "failure")
+            self.tally.integrity_failures += 1
+            audit.record(audit.Event("integrity.failure"), audit.Outcome.MAJOR,
+                         sop_instance_uid=sel.sop_instance_uid, study_uid=sel.study_uid,
+                         sha256=sel.sha256, actual_sha256=exc.actual or "",
+                         reason="missing" if exc.actual is None else "checksum mismatch",
+                         during=self.service, **self.state.audit_context())
+            log.error("integrity failure on %s: not sent", sel.sha256)
+            raise
+        except Exception:
+            self.tally.done(sel, "failure")
+            raise
+        code = getattr(rsp, "Status", None)
+        if code == status.SUCCESS:
+            self.tally.done(sel, "success")
+        elif code in _STORE_WARNINGS:
+            self.tally.done(sel, "warning")
+        else:
+            self.tally.done(sel, "failure")
+        return rsp
+
+    def finish(self, outcome: audit.Outcome | None = None, **more: Any) -> None:
+        t = self.tally
+        if outcome is None:
+            if t.failed == 0 and t.remaining == 0:
+                outcome = audit.Outcome.SUCCESS
+            elif t.failed == t.selected:
+                outcome = audit.Outcome.SERIOUS
+            else:
+                outcome = audit.Outcome.MINOR
+        audit.record(audit.Event("dicom.retrieve"), outcome, **self.fields,
+                     study_uids=sorted(t.studies)[:100], instances=t.selected,
+                     completed=t.completed, warning=t.warning, failed=t.failed,
+                     remaining=t.remaining, bytes=t.bytes,
+                     integrity_failures=t.integrity_failures, **more)
+
+
+def _select(event: Any, models: dict[str, str]) -> tuple[query.Query, list[Selected]]:
+    model = models.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
+    q = query.parse(_identifier(event), model)
+    return q, retrieve.select(q)
+
+
+def _subops(r: _Retrieval, event: Any, selected: list[Selected]
+            ) -> Iterator[tuple[Any, Dataset | None]]:
+    """Yield one placeholder per instance, stopping on C-CANCEL."""
+    for sel in selected:
+        if event.is_cancelled:
+            r.finish(audit.Outcome.MINOR, cancelled=True)
+            yield status.CANCEL, None
+            return
+        yield status.PENDING, r.placeholder(sel)
+    r.finish()
+
+
+def handle_get(event: Any, services: Services) -> Iterator[Any]:
+    """EVT_C_GET: yields the number of sub-operations, then one placeholder per instance."""
+    state: AssocState = event.assoc.pacsd_state
+    r = _Retrieval(services, state, "get")
+    replies = _Replies.of(event.assoc)
+    msg_id = int(event.request.MessageID)
+    refusal: tuple[int, str] | None = None
+    selected: list[Selected] = []
+    if not services.permitted(state, "get"):
+        services.refuse_request(state, "get")
+        refusal = (status.REFUSED_NOT_AUTHORIZED, "C-GET not permitted")
+    else:
+        try:
+            q, selected = _select(event, GET_MODELS)
+            r.fields.update(q.summary())
+        except QueryError as exc:
+            refusal = (exc.status, exc.comment)
+        except Exception as exc:
+            log.exception("C-GET selection failed")
+            refusal = (status.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+    if refusal is not None:
+        replies.rewrite(msg_id, _refusal(*refusal))
+        r.finish(audit.Outcome.SERIOUS if refusal[0] == status.REFUSED_NOT_AUTHORIZED
+                 else audit.Outcome.MINOR, reason=refusal[1])
+        yield 0
+        return
+    r.tally.selected = len(selected)
+    r.wrap(event.assoc)
+    yield len(selected)
+    if not selected:
+        r.finish()
+        return
+    yield from _subops(r, event, selected)
+
+
+def _destination(state: AssocState, title: str) -> tuple[aes.Peer | None, str]:
+    """The registered destination `title` if the requesting AE may move to it."""
+    peer = aes.get(title) if title else None
+    if peer is None or not peer.enabled or not peer.dest:
+        return None, f"destination {title[:16]!r} not registered"
+    if state.peer is None or title not in state.peer.move_to:
+        return None, f"destination {title[:16]!r} not allowed for this AE"
+    return peer, ""
+
+
+def _host_port(dest: str) -> tuple[str, int]:
+    host, _, port = dest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _contexts(selected: list[Selected]) -> list[Any]:
+    """Exact (SOP class, transfer syntax) contexts: objects are sent as stored."""
+    pairs = sorted({(s.sop_class_uid, s.transfer_syntax) for s in selected})
+    if len(pairs) <= MAX_CONTEXTS:
+        return [build_context(c, [t]) for c, t in pairs]
+    by_class: dict[str, list[str]] = {}
+    for c, t in pairs:
+        by_class.setdefault(c, []).append(t)
+    return [build_context(c, ts) for c, ts in sorted(by_class.items())[:MAX_CONTEXTS]]
+
+
+def _on_destination_accepted(event: Any, r: _Retrieval, dest: aes.Peer) -> None:
+    """Requestor side of the sub-association: check the destination's certificate."""
+    from pacsd.tls import peer_fingerprint
+
+    r.established = True
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    seen = peer_fingerprint(sock) if sock is not None else None
+    if seen != dest.cert_sha256:
+        r.refused_destination = f"destination {dest.title} presented another certificate"
+        audit.record(audit.Event("assoc.rejected"), audit.Outcome.SERIOUS, gate="move-dest",
+                     reason=r.refused_destination, destination=dest.title,
+                     **r.state.audit_context())
+    r.wrap(event.assoc)
+
+
+def handle_move(event: Any, services: Services) -> Iterator[Any]:
+    """EVT_C_MOVE: yields the destination, the number of sub-operations, then one
+    placeholder per instance (sent over our own TLS sub-association)."""
+    state: AssocState = event.assoc.pacsd_state
+    r = _Retrieval(services, state, "move")
+    replies = _Replies.of(event.assoc)
+    msg_id = int(event.request.MessageID)
+    title = str(event.request.MoveDestination or "").strip()
+    r.fields["destination"] = title
+    refusal: tuple[int, str] | None = None
+    selected: list[Selected] = []
+    dest: aes.Peer | None = None
+    if not services.permitted(state, "move"):
+        services.refuse_request(state, "move")
+        refusal = (status.REFUSED_NOT_AUTHORIZED, "C-MOVE not permitted")
+    else:
+        dest, why = _destination(state, title)
+        if dest is None:
+            refusal = (status.MOVE_DESTINATION_UNKNOWN, why)
+        elif services.client_tls is None:
+            refusal = (status.UNABLE_TO_PROCESS, "no client TLS context for C-MOVE")
+        else:
+            try:
+                q, selected = _select(event, MOVE_MODELS)
+                r.fields.update(q.summary())
+            except QueryError as exc:
+                refusal = (exc.status, exc.comment)
+            except Exception as exc:
+                log.exception("C-MOVE selection failed")
+                refusal = (status.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+    if refusal is not None or dest is None:
+        code, comment = refusal or (status.MOVE_DESTINATION_UNKNOWN, "no destination")
+        replies.rewrite(msg_id, _refusal(code, comment))
+        r.finish(audit.Outcome.SERIOUS, reason=comment)
+        yield None, None
+        return
+    host, port = _host_port(dest.dest)
+    r.tally.selected = len(selected)
+    kwargs = {
+        "tls_args": (services.client_tls, None),
+        "contexts": _contexts(selected) if selected else None,
+        "evt_handlers": [(evt.EVT_ACCEPTED, _on_destination_accepted, [r, dest])],
+    }
+    yield host, port, kwargs
+    # pynetdicom now opens the sub-association; if the destination refuses it, it answers
+    # A801 and never resumes us: say instead what happened, with exact counts.
+    n = len(selected)
+
+    def unreachable(rsp: Any) -> None:
+        if rsp.Status == status.MOVE_DESTINATION_UNKNOWN and not r.established:
+            rsp.Status = status.SUBOPS_FAILED
+            rsp.ErrorComment = f"destination {title[:16]} refused the association"
+            rsp.NumberOfRemainingSuboperations = None
+            rsp.NumberOfCompletedSuboperations = 0
+            rsp.NumberOfWarningSuboperations = 0
+            rsp.NumberOfFailedSuboperations = n
+            r.tally.failed = n
+            r.finish(audit.Outcome.SERIOUS, reason="destination refused the association")
+
+    if n:
+        replies.rewrite(msg_id, unreachable)
+    yield n
+    replies.clear(msg_id)  # the sub-association is up
+    if not selected:
+        r.finish()
+        return
+    yield from _subops(r, event, selected)

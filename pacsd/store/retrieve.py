@@ -1,0 +1,117 @@
+"""Retrieve (C-MOVE/C-GET): which instances an identifier selects, and reading them verified.
+
+DESIGN §5: every object is checked against its SHA-256 before a byte of it is sent; a
+mismatch (or a missing file) raises `IntegrityError` and the object is never sent.
+
+`verified_source` hands the sender a path it can stream from without loading the object:
+on Linux `/proc/self/fd/N` of the descriptor that was verified, so a file renamed over the
+object between the check and the send is not what goes out; elsewhere, or when the store
+returns something that is not a plain file (an encrypted envelope decrypted on read), a
+private temp copy under the object root's `.tmp`, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from pacsd.store.objects import READ_CHUNK, IntegrityError
+from pacsd.store.query import Query, Selected, select_instances
+
+__all__ = ["IntegrityError", "Selected", "Tally", "select", "verified_source"]
+
+MAX_SUBOPERATIONS = 65535  # the response counts are US (PS3.4 C.4.2.3)
+_PROC_FD = Path("/proc/self/fd")
+
+
+class _VerifiedReader(Protocol):
+    def open_verified(self, sha256: str) -> Any: ...
+
+
+def select(query: Query, *, limit: int = MAX_SUBOPERATIONS) -> list[Selected]:
+    """The instances a retrieve identifier selects, in study/series/instance order.
+
+    Raises QueryError (A900 no or wildcard unique key, A700 more than `limit`).
+    """
+    return select_instances(query, limit=min(limit, MAX_SUBOPERATIONS))
+
+
+@contextlib.contextmanager
+def verified_source(store: _VerifiedReader, sha256: str,
+                    tmp_dir: Path | None = None) -> Iterator[str]:
+    """A path to the object's verified Part 10 bytes, valid inside the `with` block.
+
+    Raises IntegrityError (content does not hash to its name, or missing) before anything
+    is yielded.
+    """
+    f = store.open_verified(sha256)
+    try:
+        fd = _fileno(f)
+        if fd is not None and _PROC_FD.is_dir():
+            yield str(_PROC_FD / str(fd))
+            return
+        with _private_copy(f, tmp_dir) as path:
+            yield path
+    finally:
+        f.close()
+
+
+def _fileno(f: Any) -> int | None:
+    try:
+        fd = int(f.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    # a decrypting reader may wrap a file: only a descriptor at offset 0 of the plaintext
+    # is usable as a path
+    if getattr(f, "plaintext_fd", True) is False:
+        return None
+    return fd
+
+
+@contextlib.contextmanager
+def _private_copy(f: Any, tmp_dir: Path | None) -> Iterator[str]:
+    fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="send-", suffix=".dcm")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(f, out, READ_CHUNK)
+        yield name
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            Path(name).unlink()
+
+
+@dataclass
+class Tally:
+    """What one retrieve did, for its audit record and its final response."""
+
+    selected: int = 0
+    completed: int = 0
+    warning: int = 0
+    failed: int = 0
+    bytes: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    integrity_failures: int = 0
+    studies: set[str] = field(default_factory=set)
+
+    @property
+    def remaining(self) -> int:
+        return self.selected - self.completed - self.warning - self.failed
+
+    def done(self, sel: Selected, outcome: str) -> None:
+        """Count one sub-operation: outcome is 'success', 'warning' or 'failure'."""
+        self.studies.add(sel.study_uid)
+        if outcome == "success":
+            self.completed += 1
+            self.bytes += sel.size
+        elif outcome == "warning":
+            self.warning += 1
+            self.bytes += sel.size
+        else:
+            self.failed += 1
+            self.failed_uids.append(sel.sop_instance_uid)
