@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import peewee
 import structlog
 
 from pacsd.auth import lockout, passwords, totp, users
@@ -92,15 +93,24 @@ def verify_identity(
     t = time.time() if now is None else now
     if users.source_blocked(source_ip, t):
         return IdentityDecision(False, None, None, "source_blocked")
-    return _verify_passcode(cfg, primary.decode("utf-8", "surrogateescape"),
-                            secondary.decode("utf-8", "surrogateescape"), source_ip, t)
+    try:
+        return _verify_passcode(cfg, primary.decode("utf-8", "surrogateescape"),
+                                secondary.decode("utf-8", "surrogateescape"), source_ip, t)
+    except peewee.DatabaseError as exc:  # e.g. the database stayed locked past busy_timeout
+        log.error("identity_database_error", error=str(exc))
+        return IdentityDecision(False, None, None, "internal_error")
 
 
 def _verify_passcode(
     cfg: Config, name: str, passcode: str, ip: str, now: float
 ) -> IdentityDecision:
     rounds = cfg.auth.password.bcrypt_rounds
-    row = users.get(name)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # not UTF-8 on the wire: no account can have this name
+        row = None
+    else:
+        row = users.get(name)
     if row is None:
         passwords.dummy_verify(passcode, rounds)
         return _fail(cfg, None, "unknown_user", ip, now, count_account=False)

@@ -252,3 +252,12 @@ def test_oversized_or_empty_fields_are_refused_cheaply(cfg: Config) -> None:
     d = verify_identity(cfg, user_type=2, primary=b"alice", secondary=b"x" * 5000,
                         source_ip="10.0.0.1", require_user=True)
     assert not d.ok
+
+
+def test_invalid_utf8_is_an_unknown_user_not_an_exception(cfg: Config) -> None:
+    d = verify_identity(cfg, user_type=2, primary=b"al\xffice", secondary=b"\xfe\xff" * 8,
+                        source_ip="10.0.0.1", require_user=True)
+    assert (d.ok, d.reason) == (False, "unknown_user")
+    d = verify_identity(cfg, user_type=2, primary=b"alice", secondary=PW.encode() + b"\xff",
+                        source_ip="10.0.0.1", require_user=True)
+    assert (d.ok, d.reason) == (False, "bad_password")
