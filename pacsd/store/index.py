@@ -13,6 +13,9 @@ Conventions that C-FIND SQL relies on:
   upper-cased copy in `<name>_upper` for case-insensitive matching;
 - ModalitiesInStudy is kept on the study as a backslash-joined, sorted list; matching
   a modality is best done with EXISTS on series.modality (indexed).
+- a patient is (PatientID, IssuerOfPatientID); without a PatientID, (name, birth date);
+- room for later work: instance.key_version (NULL = plaintext; encryption at rest);
+  storage commitment gets its own table in a later migration;
 - primary keys are `pk`; foreign-key columns are `<parent>_pk` (the DICOM attribute
   names PatientID and StudyID take `patient_id` and `study_id`).
 """
@@ -150,8 +153,7 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
             patient_sex TEXT NOT NULL DEFAULT '',
             specific_charset TEXT NOT NULL DEFAULT '',
             created TEXT NOT NULL,
-            updated TEXT NOT NULL,
-            UNIQUE (patient_id, issuer_of_patient_id)
+            updated TEXT NOT NULL
         )""",
         """CREATE TABLE study (
             pk INTEGER PRIMARY KEY,
@@ -195,7 +197,12 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
             assoc_id TEXT NOT NULL DEFAULT '',
             key_version INTEGER
         )""",
-        # UNIQUE constraints above already index the UIDs and (patient_id, issuer).
+        # UNIQUE constraints above already index the UIDs. A patient is identified by
+        # (PatientID, Issuer); objects without a PatientID are not merged into one
+        # anonymous patient but grouped by name and birth date.
+        "CREATE UNIQUE INDEX patient_key_idx ON patient (patient_id, issuer_of_patient_id) "
+        "WHERE patient_id != ''",
+        "CREATE INDEX patient_id_idx ON patient (patient_id, patient_name, patient_birth_date)",
         "CREATE INDEX patient_name_idx ON patient (patient_name)",
         "CREATE INDEX patient_name_upper_idx ON patient (patient_name_upper)",
         "CREATE INDEX patient_birth_date_idx ON patient (patient_birth_date)",

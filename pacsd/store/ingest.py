@@ -456,10 +456,11 @@ class Store:
             row = sql(_SQL_INSTANCE_BY_UID, (h.sop_instance_uid,)).fetchone()
             if row is not None and self._on_duplicate != "replace":
                 return "duplicate", None
-            patient_pk = _upsert(sql, "patient", {
-                "patient_id": h.patient["patient_id"],
-                "issuer_of_patient_id": h.patient["issuer_of_patient_id"]},
-                {**h.patient, "specific_charset": h.charset}, now)
+            key_cols = ("patient_id", "issuer_of_patient_id")
+            if not h.patient["patient_id"]:  # no ID: never merge strangers into one row
+                key_cols += ("patient_name", "patient_birth_date")
+            patient_pk = _upsert(sql, "patient", {k: h.patient[k] for k in key_cols},
+                                 {**h.patient, "specific_charset": h.charset}, now)
 
             def study_values(current: dict[str, Any] | None) -> dict[str, Any]:
                 modalities = set(filter(None, (current or {}).get("modalities_in_study", "")

@@ -38,7 +38,7 @@ def ident(level: str, **keys: Any) -> Dataset:
 CASES = [
     # (level, model, keys, an index the plan must use)
     ("PATIENT", PATIENT_ROOT, {"PatientID": "P1", "PatientName": ""},
-     "sqlite_autoindex_patient_1"),
+     "patient_id_idx"),
     ("PATIENT", PATIENT_ROOT, {"PatientName": "DOE*", "PatientID": "",
                                "NumberOfPatientRelatedStudies": ""}, "patient_name_idx"),
     ("STUDY", STUDY_ROOT, {"PatientID": "P1", "StudyInstanceUID": "", "ModalitiesInStudy": "",

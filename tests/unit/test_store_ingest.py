@@ -186,6 +186,16 @@ def test_multi_patient_hierarchy_and_modalities_in_study(store: Store) -> None:
     assert Study.get(Study.study_instance_uid == study_b).patient.patient_name == "Roe^Rick"
 
 
+def test_patients_without_id_are_not_merged(store: Store) -> None:
+    assert put(store, make_dataset(patient_id="", patient_name="Anon^A")).ok
+    assert put(store, make_dataset(patient_id="", patient_name="Anon^B")).ok
+    assert put(store, make_dataset(patient_id="", patient_name="Anon^A")).ok
+    assert put(store, make_dataset(patient_id="P9", patient_name="Old^Name")).ok
+    assert put(store, make_dataset(patient_id="P9", patient_name="New^Name")).ok
+    names = sorted(p.patient_name for p in Patient.select())
+    assert names == ["Anon^A", "Anon^B", "New^Name"]  # one P9, latest name wins
+
+
 @pytest.mark.parametrize(("charset", "name"), [
     ("ISO_IR 100", "Müller^Hans"),
     ("ISO_IR 192", "Łukasz^Żółć"),
