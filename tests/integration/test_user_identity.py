@@ -42,7 +42,9 @@ def store(n: Node, client: Client, tmp: Path, *user: str) -> bool:
     """storescu one object; True when the store succeeded (association accepted, status 0)."""
     f = make_dataset(tmp / f"obj-{time.monotonic_ns()}.dcm")
     args: list[str] = []
-    if user:
+    if user and user[0].startswith("--"):  # another identity option, e.g. --jwt FILE
+        args += list(user)
+    elif user:
         args += ["--user", user[0]]
         if len(user) > 1:
             args += ["--password", user[1]]
@@ -92,6 +94,10 @@ def test_refusals(site: tuple[Node, Client], tmp_path: Path) -> None:
     assert n.cli("user", "disable", "bob").returncode == 0
     assert not store(n, mod, tmp_path, "bob", PW)
     assert failures(n, "disabled")
+    jwt = tmp_path / "token.jwt"
+    jwt.write_text("eyJhbGciOiJub25lIn0.e30.")
+    assert not store(n, mod, tmp_path, "--jwt", str(jwt))  # type 5
+    assert failures(n, "unsupported_type")
     assert store(n, mod, tmp_path, "alice", PW)  # one failure of alice above: not locked
 
 
@@ -135,8 +141,14 @@ def test_totp(site: tuple[Node, Client], tmp_path: Path) -> None:
     assert failures(n, "totp_replay")
     # nothing secret in the daemon's log or the audit trail
     everything = n.log_text() + "\n".join(n.audit.lines)
-    for needle in (PW, code, PW + code, otp.secret):
+    for needle in (PW, PW + code, otp.secret):
         assert needle not in everything
+    # the 6-digit code alone could occur by chance inside a timestamp or hash: no field is it
+    assert not any(code in (str(v) for v in rec.values()) for rec in n.audit.records())
+    db = b"".join(p.read_bytes() for p in (n.dir / "data").glob("users.sqlite*"))
+    assert b"alice" in db
+    for needle in (PW, otp.secret):
+        assert needle.encode() not in db
 
 
 def test_roles_workstation_cannot_store(site: tuple[Node, Client], tmp_path: Path) -> None:
