@@ -227,6 +227,13 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
+class InboxConfig:
+    directory: str = _f("", optional_path, is_path=True)  # "" = no inbox
+    settle_seconds: int = _f(2, integer(1, 3_600))  # size+mtime unchanged this long
+    scan_interval: int = _f(2, integer(1, 3_600))  # rescan even without a file event
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration; `source` is the file it came from."""
 
@@ -237,6 +244,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
+    inbox: InboxConfig = field(default_factory=InboxConfig)
 
     @property
     def base_dir(self) -> Path:
