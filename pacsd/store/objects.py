@@ -11,6 +11,7 @@ in-flight spool for a crash leftover.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -211,6 +212,13 @@ class SpoolFile:
     def head_complete(self) -> bool:
         """True when `head` holds the whole file."""
         return len(self._head) == self.size
+
+    def __del__(self) -> None:
+        # A receive that never reached ingest (association aborted mid-transfer): the
+        # DIMSE message holding us is dropped, so the descriptor and temp file go too.
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(Exception):
+                self.abort()
 
     def __enter__(self) -> SpoolFile:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -163,3 +164,12 @@ def test_pynetdicom_stand_ins_write_the_same_group(tmp_path: Path) -> None:
     assert Path(sp.name).read_bytes() == filemeta.file_meta_bytes(CT, "1.2.3.4",
                                                                   "1.2.840.10008.1.2.1")
     sp.abort()
+
+
+def test_abandoned_spool_is_removed_when_dropped(tmp_path: Path) -> None:
+    sp = SpoolFile(tmp_path)
+    sp.write(b"half a dataset")
+    name = Path(sp.name)
+    del sp
+    gc.collect()
+    assert not name.exists()  # abort() closes the descriptor before it unlinks
