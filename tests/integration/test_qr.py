@@ -450,3 +450,42 @@ def test_corrupted_object_not_sent_counted_and_audited(qr: QRNode) -> None:
     assert received[0] == pydicom.dcmread(io.BytesIO(data[good]))  # the good one, intact
     rec = qr.node.audit.wait_for(lambda r: r.get("event") == "integrity.failure")
     assert rec and rec[0]["sop_instance_uid"] == sop
+
+
+def test_cmove_destination_dies_midway(qr: QRNode) -> None:
+    """A destination that aborts after the first object: exact counts, the rest failed."""
+    import ssl
+
+    from pynetdicom import evt
+
+    stored: list[str] = []
+
+    def on_store(event: Any) -> int:
+        if stored:
+            event.assoc.abort()
+            return 0xA700
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        return 0
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(qr.node.ca))
+    ctx.load_cert_chain(str(qr.dest.cert), str(qr.dest.key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ae = AE(ae_title="DEST")
+    ae.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    server = ae.start_server(("127.0.0.1", qr.dest_port), block=False, ssl_context=ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        a = qr.assoc()
+        try:
+            _, final = cmove(a, ident("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.9.7.1"))
+            assert final.Status == 0xB000, final
+            assert (final.NumberOfCompletedSuboperations,
+                    final.NumberOfFailedSuboperations) == (1, 1)
+            assert stored == ["1.2.826.0.1.3680043.9.7.1.1.1"]
+            assert a.send_c_echo().Status == 0  # the requester's association is unharmed
+        finally:
+            a.release()
+    finally:
+        server.shutdown()
+    rec = qr.node.audit.wait_for(lambda r: r.get("event") == "dicom.retrieve")
+    assert rec and (rec[0]["completed"], rec[0]["failed"], rec[0]["outcome"]) == (1, 1, 4)

@@ -1,0 +1,169 @@
+"""The Q/R handlers driven with stand-in events (no socket): C-CANCEL, the result cap,
+gate 5 and the reply filter that states refusals pynetdicom cannot express."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_GET
+
+from pacsd import audit
+from pacsd import config as configmod
+from pacsd.auth.aes import Peer
+from pacsd.scp import qr
+from pacsd.scp.state import AssocState
+from pacsd.store import index
+from tests.unit.test_query import fill
+
+STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+
+
+def _cfg(tmp_path: Path, extra: str = "") -> configmod.Config:
+    p = tmp_path / "pacsd.toml"
+    p.write_text("[storage]\nroot = 'data/objects'\nindex = 'data/index.sqlite'\n" + extra)
+    return configmod.load(p)
+
+
+class FakeServices:
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.cfg = cfg
+        self.store = SimpleNamespace()
+        self.client_tls = None
+        self.refused: list[str] = []
+
+    def permitted(self, state: AssocState, service: str) -> bool:
+        return state.peer is not None and service in state.peer.permits
+
+    def refuse_request(self, state: AssocState, service: str) -> None:
+        self.refused.append(service)
+
+
+class FakeDimse:
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        self.sent.append(primitive)
+
+
+class FakeEvent:
+    """What the handlers read from a pynetdicom Event; cancels after `cancel_after` reads."""
+
+    def __init__(self, identifier: Dataset, sop_class: str, permits: set[str],
+                 cancel_after: int | None = None) -> None:
+        peer = Peer(title="WS", cert_sha256="0" * 64, cert_subject="", cert_not_after="",
+                    hosts=(), permits=frozenset(permits), require_user=False, dest="",
+                    move_to=(), enabled=True)
+        state = AssocState(assoc_id="a" * 32, source_ip="127.0.0.1", source_port=1,
+                           cert_sha256="0" * 64, calling_ae="WS", called_ae="PACSD", peer=peer)
+        self.assoc = SimpleNamespace(pacsd_state=state, dimse=FakeDimse(),
+                                     send_c_store=lambda *a, **kw: None)
+        self.request = SimpleNamespace(AffectedSOPClassUID=sop_class, MessageID=7)
+        self.identifier = identifier
+        self._reads = 0
+        self._cancel_after = cancel_after
+
+    @property
+    def is_cancelled(self) -> bool:
+        self._reads += 1
+        return self._cancel_after is not None and self._reads > self._cancel_after
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Any:
+    c = _cfg(tmp_path, "[query]\nmax_results = 4\n")
+    db = index.open_index_db(c)
+    fill()
+    yield c
+    db.close()
+
+
+def study_query(**keys: Any) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+def statuses(results: list[Any]) -> list[int]:
+    return [r[0] if isinstance(r[0], int) else int(r[0].Status) for r in results]
+
+
+def test_find_cancel_stops_the_query(cfg: Any) -> None:
+    ev = FakeEvent(study_query(PatientName="DOE*"), STUDY_FIND, {"find"}, cancel_after=1)
+    with audit.capture() as records:
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out) == [0xFF00, 0xFE00]
+    assert records[-1]["event"] == "dicom.query" and records[-1]["cancelled"] is True
+    assert records[-1]["matches"] == 1
+
+
+def test_find_cap_is_stated_in_the_final_status(cfg: Any) -> None:
+    ev = FakeEvent(study_query(), STUDY_FIND, {"find"})
+    with audit.capture() as records:
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out) == [0xFF00] * 4 + [0xA700]
+    assert "max_results" in out[-1][0].ErrorComment
+    assert records[-1]["truncated"] is True and records[-1]["matches"] == 4
+
+
+def test_find_under_the_cap_succeeds_and_audits_keys_not_values(cfg: Any) -> None:
+    ev = FakeEvent(study_query(PatientName="DOE^JANE"), STUDY_FIND, {"find"})
+    with audit.capture() as records:
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out) == [0xFF00, 0xFF00, 0x0000]
+    rec = records[-1]
+    assert rec["outcome"] == 0 and rec["query_keys"] == ["PatientName"]
+    assert "DOE^JANE" not in str(rec)
+
+
+def test_find_not_permitted(cfg: Any) -> None:
+    svc = FakeServices(cfg)
+    ev = FakeEvent(study_query(), STUDY_FIND, {"echo", "store"})
+    with audit.capture() as records:
+        out = list(qr.handle_find(ev, svc))  # type: ignore[arg-type]
+    assert statuses(out) == [0x0124]
+    assert svc.refused == ["find"] and records[-1]["outcome"] == 8
+
+
+def test_find_bad_identifier_answers_with_its_status(cfg: Any) -> None:
+    ds = Dataset()
+    ds.PatientID = "P1"
+    ev = FakeEvent(ds, STUDY_FIND, {"find"})
+    with audit.capture():
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out) == [0xA900]
+    assert out[0][0].OffendingElement == 0x00080052
+
+
+def test_get_refusal_is_rewritten_on_the_wire(cfg: Any) -> None:
+    ev = FakeEvent(study_query(StudyInstanceUID="1.2.1"), STUDY_GET, {"find"})
+    with audit.capture() as records:
+        gen = qr.handle_get(ev, FakeServices(cfg))  # type: ignore[arg-type]
+        assert next(gen) == 0  # pynetdicom then answers "success, 0 sub-operations"
+    rsp = C_GET()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.Status = 0x0000
+    rsp.NumberOfCompletedSuboperations = 0
+    ev.assoc.dimse.send_msg(rsp, 1)
+    assert ev.assoc.dimse.sent == [rsp]
+    assert rsp.Status == 0x0124 and rsp.NumberOfCompletedSuboperations is None
+    assert records[-1]["event"] == "dicom.retrieve" and records[-1]["outcome"] == 8
+
+
+def test_get_cancel_reports_remaining(cfg: Any) -> None:
+    ev = FakeEvent(study_query(StudyInstanceUID="1.2.1"), STUDY_GET, {"get"}, cancel_after=2)
+    with audit.capture() as records:
+        gen = qr.handle_get(ev, FakeServices(cfg))  # type: ignore[arg-type]
+        assert next(gen) == 4
+        out = list(gen)
+    assert statuses(out) == [0xFF00, 0xFF00, 0xFE00]
+    assert [o[1].SOPInstanceUID for o in out[:2]] == ["1.2.1.1.1", "1.2.1.1.2"]
+    assert records[-1]["cancelled"] is True and records[-1]["instances"] == 4
