@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import shlex
@@ -129,10 +128,13 @@ def quickstart(directory: Path, *, port: int, serve: bool) -> int:
     clients = directory / "clients"
     cert, key = clients / f"{DEMO_AE}.pem", clients / f"{DEMO_AE}.key"
 
-    from pacsd.auth import aes
+    from pacsd.auth import aes, operator
     from pacsd.auth.database import open_auth_db
 
     db = open_auth_db(cfg)
+    from pacsd import audit
+
+    audit.start_standalone(cfg)
     if not key.exists():
         issue_client_cert(cfg, DEMO_AE, clients, 365)
     if aes.get(DEMO_AE) is None:
@@ -140,8 +142,11 @@ def quickstart(directory: Path, *, port: int, serve: bool) -> int:
         aes.add(DEMO_AE, cert_sha256=info.sha256, cert_subject=info.subject,
                 cert_not_after=info.not_after.isoformat(), permits=["echo", "store"],
                 hosts=["127.0.0.1/32", "::1/128"])
+        audit.record(audit.Event.ADMIN_AE, audit.Outcome.SUCCESS, action="add",
+                     target_ae=DEMO_AE, operator=operator(), cert_sha256=info.sha256)
         print(f"registered the demo modality AE {DEMO_AE} bound to {cert}")
     cred_file = _demo_user(cfg, directory)
+    audit.shutdown(5.0)
     db.close()
     sample = directory / "demo" / "ct.dcm"
     if not sample.exists():
@@ -171,23 +176,12 @@ def quickstart(directory: Path, *, port: int, serve: bool) -> int:
 
 def _demo_user(cfg: configmod.Config, directory: Path) -> Path | None:
     """Create the demo user with a random password written to a 0600 file (never printed)."""
-    try:
-        from pacsd.auth import users
-    except ImportError:
-        return None
+    from pacsd.auth import usercli, users
+
     cred = directory / "demo-user.txt"
-    if cred.exists() or users.get_user(DEMO_USER) is not None:
+    if cred.exists() or users.get(DEMO_USER) is not None:
         return cred if cred.exists() else None
-    password = secrets.token_urlsafe(18)
-    users.create_user(cfg, DEMO_USER, role="workstation", password=password, operator=_operator())
+    password = secrets.token_urlsafe(18)  # 24 random characters, never printed
+    usercli.create_user(cfg, DEMO_USER, "workstation", password)
     tls.write_private(cred, f"{DEMO_USER}\n{password}\n".encode())
     return cred
-
-
-def _operator() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return str(os.getuid())

@@ -19,6 +19,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -116,7 +117,10 @@ class Node:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = base / "pacsd.log"
         self.clients_dir = base / "clients"
-        self.audit = AuditSink(base / "audit.sock")
+        base.mkdir(parents=True, exist_ok=True)
+        # unix socket paths are limited to 107 bytes; pytest's tmp paths can be longer
+        self._sock_dir = Path(tempfile.mkdtemp(prefix="pacsd-audit-"))
+        self.audit = AuditSink(self._sock_dir / "log.sock")
         r = self.cli("init", str(self.dir), "--ae-title", ae_title, "--port", str(self.port),
                      config=False)
         assert r.returncode == 0, r.stderr
@@ -187,10 +191,12 @@ class Node:
 
     def dcmtk(self, tool: str, client: Client, *args: str, calling: str | None = None,
               called: str | None = None, timeout: float = 300, tls: bool = True,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+              env: dict[str, str] | None = None,
+              files: list[Path] | tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
+        """Run a DCMTK tool: options in `args`, then peer and port, then `files`."""
         cmd = [dcmtk_path(tool), *(self.tls_args(client) if tls else []),
                "-aet", calling or client.title, "-aec", called or self.ae_title,
-               *args, "127.0.0.1", str(self.port)]
+               *args, "127.0.0.1", str(self.port), *[str(f) for f in files]]
         e = {**os.environ, "TCP_NODELAY": "1", **(env or {})}
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
 
@@ -250,6 +256,7 @@ class Node:
             if self.proc is not None and self.proc.poll() is None:
                 self.kill()
             self.audit.close()
+            shutil.rmtree(self._sock_dir, ignore_errors=True)
 
 
 @pytest.fixture

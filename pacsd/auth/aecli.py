@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from pacsd import tls
-from pacsd.auth import aes
+from pacsd.auth import aes, operator
 from pacsd.auth.database import open_auth_db
 from pacsd.config import Config, parse_host_port
 from pacsd.errors import ConfigError, UsageError
@@ -17,13 +17,7 @@ def _audit(action: str, title: str, **fields: object) -> None:
     from pacsd import audit
 
     audit.record(audit.Event("admin.ae"), audit.Outcome.SUCCESS, action=action, target_ae=title,
-                 operator=_operator(), **fields)
-
-
-def _operator() -> str:
-    from pacsd.setup import _operator as op
-
-    return op()
+                 operator=operator(), **fields)
 
 
 def _print_peer(p: aes.Peer) -> None:

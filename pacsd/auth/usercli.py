@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
-import pwd
 import sys
 import time
 import warnings
@@ -22,7 +20,7 @@ from typing import Any
 import qrcode
 
 from pacsd import audit
-from pacsd.auth import aes, passwords, totp, users
+from pacsd.auth import aes, operator, passwords, totp, users
 from pacsd.auth import secrets as sealed
 from pacsd.auth.database import open_auth_db
 from pacsd.auth.identity import aad_for
@@ -50,20 +48,10 @@ def run(cfg: Config, args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _operator() -> str:
-    """The Unix user running the command (the invoking user too, when run through sudo)."""
-    try:
-        name = pwd.getpwuid(os.getuid()).pw_name
-    except KeyError:
-        name = str(os.getuid())
-    sudo = os.environ.get("SUDO_USER")
-    return f"{sudo} (as {name})" if sudo and os.geteuid() == 0 else name
-
-
 def _audit(action: str, name: str, **fields: Any) -> None:
     # never a password, passcode, code or secret in here
     audit.record(audit.Event.ADMIN_USER, audit.Outcome.SUCCESS, action=action,
-                 target_user=name, operator=_operator(), **fields)
+                 target_user=name, operator=operator(), **fields)
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -120,16 +108,25 @@ def _table(rows: list[list[str]]) -> str:
 # --------------------------------------------------------------------------- commands
 
 
-def _add(cfg: Config, args: argparse.Namespace) -> int:
-    name = users.validate_name(args.name)
-    role = users.validate_role(args.role)
+def create_user(cfg: Config, name: str, role: str, password: str) -> str:
+    """Create a user after the password policy; audited. Raises AlreadyExists, PolicyViolation."""
+    name = users.validate_name(name)
+    role = users.validate_role(role)
     if users.get(name) is not None:
         raise AlreadyExists(f"user {name!r} already exists")
-    pw = passwords.check_policy(cfg.auth.password, _read_password(args), username=name,
+    pw = passwords.check_policy(cfg.auth.password, password, username=name,
                                 ae_titles=_ae_titles(cfg))
     users.add(name, role, passwords.hash_password(pw, cfg.auth.password.bcrypt_rounds))
     _audit("add", name, role=role)
-    print(f"user {name} added (role {role})")
+    return name
+
+
+def _add(cfg: Config, args: argparse.Namespace) -> int:
+    users.validate_name(args.name)
+    if users.get(args.name) is not None:
+        raise AlreadyExists(f"user {args.name!r} already exists")
+    name = create_user(cfg, args.name, args.role, _read_password(args))
+    print(f"user {name} added (role {args.role})")
     return EXIT_OK
 
 

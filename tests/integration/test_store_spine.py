@@ -13,14 +13,14 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.conftest import Node, make_dataset, needs_dcmtk, stored_files
+from tests.conftest import Node, dcmtk_path, make_dataset, needs_dcmtk, stored_files
 
 pytestmark = needs_dcmtk
 
 
 def _storescu(node: Node, client: object, files: list[Path], *extra: str,
               timeout: float = 600) -> object:
-    return node.dcmtk("storescu", client, *extra, *[str(f) for f in files],  # type: ignore[arg-type]
+    return node.dcmtk("storescu", client, *extra, files=files,  # type: ignore[arg-type]
                       timeout=timeout)
 
 
@@ -122,7 +122,7 @@ def test_kill_9_mid_transfer_leaves_no_partial_object(node: Node, tmp_path: Path
     big = make_dataset(tmp_path / "big.dcm", pixel_bytes=150 * 1024 * 1024)
     import subprocess
 
-    cmd = ["storescu", *node.tls_args(mod), "-aet", "MOD1", "-aec", node.ae_title,
+    cmd = [dcmtk_path("storescu"), *node.tls_args(mod), "-aet", "MOD1", "-aec", node.ae_title,
            "--max-pdu", "16384", "127.0.0.1", str(node.port), str(big)]
     sender = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp_dir = node.objects / ".tmp"
@@ -165,8 +165,9 @@ def test_flipped_byte_is_found_by_verify(node: Node, tmp_path: Path) -> None:
 
 def _send_raw(node: Node, client: object, part10: Path) -> int:
     """Send a Part 10 file as-is with pynetdicom (its dataset bytes are not re-encoded)."""
-    from pynetdicom import AE
+    from pynetdicom import AE, _config
 
+    _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, do not re-encode
     ds = pydicom.dcmread(part10, stop_before_pixels=True, force=True)
     ae = AE(ae_title=client.title)  # type: ignore[attr-defined]
     ae.add_requested_context(ds.file_meta.MediaStorageSOPClassUID,
@@ -212,17 +213,23 @@ def test_sop_instance_mismatch_is_refused_and_nothing_stored(node: Node, tmp_pat
     assert stored_files(node) == []
 
 
+@pytest.mark.filterwarnings("ignore:.*VR UI:UserWarning")  # the bad UIDs are the point
 @pytest.mark.parametrize("uid", ["1." + "2" * 63, "1.2.abc.4", "1.2..3"])
 def test_invalid_uids_are_refused(node: Node, tmp_path: Path, uid: str) -> None:
     mod = node.add_client("MOD1")
-    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    settings = pydicom.config.settings
+    saved = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE
     try:
         f = make_dataset(tmp_path / "a.dcm", sop_uid=uid)
     finally:
-        pydicom.config.settings.writing_validation_mode = pydicom.config.WARN
-    status = _send_raw(node, mod, f)
-    assert status not in (0x0000, -1) and status >= 0xA000, hex(status)
+        settings.reading_validation_mode, settings.writing_validation_mode = saved
+    # DCMTK sends what the file holds (pynetdicom refuses to send a 65-character UID)
+    r = _storescu(node, mod, [f], "-v")
+    assert "Success" not in r.stdout + r.stderr  # type: ignore[attr-defined]
     assert stored_files(node) == []
+    recs = node.audit.wait_for(lambda r: r.get("event") == "dicom.store" and r["outcome"] == 8)
+    assert recs and recs[0]["instances"] == 1 and "UID" in recs[0]["reason"]
     assert node.cli("verify").returncode == 0
 
 
