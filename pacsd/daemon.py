@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import logging
 import os
 import select
 import signal
 import socket
+import sqlite3
+import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from pacsd import audit
 from pacsd import config as configmod
@@ -30,7 +37,9 @@ from pacsd.errors import ConfigError, EnvironmentProblem, PacsdError
 log = logging.getLogger("pacsd.daemon")
 
 WORKER_READY_TIMEOUT = 60.0
-WATCHDOG_INTERVAL = 5.0
+WATCHDOG_INTERVAL = 5.0  # pings when systemd did not say (WATCHDOG_USEC unset)
+STATUS_INTERVAL = 5.0  # seconds between STATUS= lines with live figures
+RELOAD_DEBOUNCE = 1.0  # quiet seconds after the last change to a watched file
 
 
 def sd_notify(message: str) -> None:
@@ -46,6 +55,130 @@ def sd_notify(message: str) -> None:
             s.sendall(message.encode())
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
+
+
+def watchdog_interval() -> float:
+    """Seconds between WATCHDOG=1 pings: half of systemd's WatchdogSec, else a default."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+        return max(0.05, int(usec) / 2_000_000)
+    return WATCHDOG_INTERVAL
+
+
+def _monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+# ---------------------------------------------------------------- live figures for STATUS=
+
+_FLOCK = "hhqqi4x"  # struct flock on Linux (64-bit off_t): type, whence, start, len, pid
+
+
+def slots_in_use(path: Path, limit: int) -> int:
+    """How many association slots (bytes of the slots file) workers hold locked (F_GETLK)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return 0
+    count, start = 0, 0
+    try:
+        while start < limit:
+            query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, limit - start, 0)
+            got = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+            ltype, _, lstart, llen, _ = struct.unpack(_FLOCK, got)
+            if ltype == fcntl.F_UNLCK:
+                break
+            end = limit if llen == 0 else min(limit, lstart + llen)
+            count += max(0, end - max(lstart, start))
+            start = max(end, start + 1)
+    except OSError:
+        return count
+    finally:
+        os.close(fd)
+    return count
+
+
+def objects_indexed(index_path: str) -> int | None:
+    """Instance rows in the index (read-only connection); None when it cannot be read."""
+    try:
+        con = sqlite3.connect(f"file:{index_path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return None
+    try:
+        return int(con.execute("SELECT count(*) FROM instance").fetchone()[0])
+    except sqlite3.Error:
+        return None
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------- watched files
+
+
+def watched_files(cfg: Config) -> list[str]:
+    """The files whose change triggers a reload: the config and the TLS material."""
+    files = [cfg.source, cfg.tls.cert, cfg.tls.key, cfg.tls.client_ca,
+             cfg.audit.syslog_ca, cfg.audit.syslog_cert, cfg.audit.syslog_key]
+    return sorted({f for f in files if f})
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    """SHA-256 over the names and contents of `paths` (a missing file counts as absent)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.encode() + b"\0")
+        try:
+            h.update(hashlib.sha256(Path(p).read_bytes()).digest())
+        except OSError:
+            h.update(b"-")
+    return h.hexdigest()
+
+
+class FileWatch:
+    """watchdog (inotify) observer on the directories of the watched files.
+
+    Events only mark the files dirty and wake the supervisor's loop, which reloads after
+    RELOAD_DEBOUNCE quiet seconds and only when the contents really changed.
+    """
+
+    def __init__(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+        self._observer: Any = None
+        self._files: set[str] = set()
+
+    def watch(self, files: list[str]) -> None:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        self.stop()
+        self._files = {os.path.realpath(f) for f in files} | set(files)
+        watch = self
+
+        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+            def on_any_event(self, event: Any) -> None:
+                for p in (getattr(event, "src_path", ""), getattr(event, "dest_path", "")):
+                    if p and os.fsdecode(p) in watch._files:
+                        watch._on_change()
+                        return
+
+        observer = Observer()
+        for d in sorted({str(Path(f).parent) for f in self._files}):
+            if Path(d).is_dir():
+                observer.schedule(Handler(), d, recursive=False)
+        observer.daemon = True
+        try:
+            observer.start()
+        except OSError as exc:  # e.g. inotify watches exhausted: SIGHUP still works
+            log.warning("cannot watch config/certificate files: %s", exc)
+            return
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(5)
+            self._observer = None
 
 
 def bind_listener(cfg: Config) -> socket.socket:
@@ -79,7 +212,7 @@ class Worker:
 
 
 class Supervisor:
-    """Owns the listening socket, the workers, signals and reload."""
+    """Owns the listening socket, the workers, signals, reload and sd_notify."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -90,6 +223,15 @@ class Supervisor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._stopping = False
         self.sequencer: audit.Sequencer | None = None
+        self._watch = FileWatch(self._file_changed)
+        self._reload_due: float | None = None
+        self._files_seen = ""
+        self._watchdog_every = watchdog_interval()
+        self._last_ping = 0.0
+        self._last_status = 0.0
+        self._objects_at_start: int | None = None
+        self.reloads = 0
+        self._ready = False  # READY=1 sent; the systemd watchdog runs from then on
 
     # ---- set-up
     def prepare(self) -> None:
@@ -103,7 +245,8 @@ class Supervisor:
         assert self.sock is not None
         ready_r, ready_w = os.pipe()
         env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            env.pop(name, None)  # only the supervisor talks to systemd
         if self.sequencer is not None:
             env["PACSD_AUDIT_SOCKET"] = self.sequencer.socket_path
         env["PACSD_READY_FD"] = str(ready_w)
@@ -121,7 +264,8 @@ class Supervisor:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise EnvironmentProblem("workers did not become ready in time")
-            r, _, _ = select.select([w.ready_fd for w in pending], [], [], min(left, 1.0))
+            r, _, _ = select.select([w.ready_fd for w in pending], [], [], min(left, 0.5))
+            self._ping_watchdog()  # a slow start-up or reload is not a hung loop
             for w in pending:
                 if w.ready_fd in r:
                     data = os.read(w.ready_fd, 16)
@@ -132,15 +276,50 @@ class Supervisor:
                     w.ready = True
             pending = [w for w in pending if not w.ready]
 
-    # ---- signals
+    # ---- signals and file events: record only; the loop acts
     def _on_signal(self, signum: int, frame: object) -> None:
-        self._signals.append(signum)  # record only; the loop acts
+        self._signals.append(signum)
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _file_changed(self) -> None:  # watchdog's observer thread
+        self._reload_due = time.monotonic() + RELOAD_DEBOUNCE
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
             signal.signal(sig, self._on_signal)
+
+    # ---- sd_notify
+    def _ping_watchdog(self) -> None:
+        now = time.monotonic()
+        if self._ready and now - self._last_ping >= self._watchdog_every:
+            sd_notify("WATCHDOG=1")
+            self._last_ping = now
+
+    def status_line(self) -> str:
+        """The live STATUS= text: listen address, associations, objects, workers."""
+        from pacsd import app
+
+        active = slots_in_use(app.slots_path(self.cfg), self.cfg.node.max_associations)
+        objects = objects_indexed(self.cfg.storage.index)
+        if self._objects_at_start is None:
+            self._objects_at_start = objects
+        stored = "objects unknown" if objects is None else (
+            f"{objects} objects stored ({objects - (self._objects_at_start or 0)} since start)")
+        alive = sum(1 for w in self.workers if w.proc.poll() is None)
+        return (f"serving {self.cfg.node.ae_title} on {self.cfg.node.listen}: "
+                f"{active} association{'s' if active != 1 else ''}, {stored}, "
+                f"{alive}/{len(self.workers)} workers"
+                + (f", {self.reloads} reload{'s' if self.reloads != 1 else ''}"
+                   if self.reloads else ""))
+
+    def _send_status(self) -> None:
+        now = time.monotonic()
+        if now - self._last_status >= STATUS_INTERVAL:
+            self._last_status = now
+            sd_notify(f"STATUS={self.status_line()}")
 
     # ---- main loop
     def run(self) -> int:
@@ -153,30 +332,50 @@ class Supervisor:
         except EnvironmentProblem:
             self._kill_all(self.workers)
             raise
-        audit.record(audit.Event("app.start"), audit.Outcome.SUCCESS, ae_title=self.cfg.node.ae_title,
-                     listen=self.cfg.node.listen, workers=count, pid=os.getpid())
+        self._files_seen = files_fingerprint(watched_files(self.cfg))
+        self._watch.watch(watched_files(self.cfg))
+        audit.record(audit.Event("app.start"), audit.Outcome.SUCCESS,
+                     ae_title=self.cfg.node.ae_title, listen=self.cfg.node.listen,
+                     workers=count, pid=os.getpid())
         print(f"pacsd: serving {self.cfg.node.ae_title} on {self.cfg.node.listen} "
               f"({count} worker{'s' if count != 1 else ''}, mutual TLS)", file=sys.stderr,
               flush=True)
-        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS=serving on {self.cfg.node.listen}")
-        last_ping = 0.0
-        while True:
-            with contextlib.suppress(InterruptedError):
-                select.select([self._wake_r], [], [], 1.0)
-            with contextlib.suppress(BlockingIOError, OSError):
-                self._wake_r.setblocking(False)
-                self._wake_r.recv(256)
-            while self._signals:
-                sig = self._signals.pop(0)
-                if sig in (signal.SIGTERM, signal.SIGINT):
-                    return self.handle_term()
-                if sig == signal.SIGHUP:
-                    self.handle_hup()
-            self.reap()
-            now = time.monotonic()
-            if now - last_ping >= WATCHDOG_INTERVAL:
-                sd_notify("WATCHDOG=1")
-                last_ping = now
+        self._last_status = time.monotonic()
+        sd_notify(f"READY=1\nMAINPID={os.getpid()}\nSTATUS={self.status_line()}")
+        self._ready = True
+        try:
+            while True:
+                code = self._step()
+                if code is not None:
+                    return code
+        finally:
+            self._watch.stop()
+
+    def _step(self) -> int | None:
+        """One turn of the loop: wait for a wake-up, act on signals and due reloads."""
+        timeout = min(1.0, self._watchdog_every)
+        if self._reload_due is not None:
+            timeout = max(0.0, min(timeout, self._reload_due - time.monotonic()))
+        with contextlib.suppress(InterruptedError):
+            select.select([self._wake_r], [], [], timeout)
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_r.setblocking(False)
+            self._wake_r.recv(256)
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                return self.handle_term()
+            if sig == signal.SIGHUP:
+                self.handle_hup("sighup")
+        due = self._reload_due
+        if due is not None and time.monotonic() >= due:
+            self._reload_due = None
+            if files_fingerprint(watched_files(self.cfg)) != self._files_seen:
+                self.handle_hup("file_change")
+        self.reap()
+        self._ping_watchdog()
+        self._send_status()
+        return None
 
     def reap(self) -> None:
         """Replace workers that died; collect retired ones that finished draining."""
@@ -198,24 +397,42 @@ class Supervisor:
             except EnvironmentProblem as exc:
                 log.error("replacement worker failed: %s", exc)
 
-    def handle_hup(self) -> None:
-        """Reload: validate the new config, then restart workers one at a time."""
+    def handle_hup(self, trigger: str = "sighup") -> bool:
+        """Reload: validate the new config and TLS files, then restart workers one at a time.
+
+        Running associations finish in the retiring workers; an invalid config is refused
+        (audited) and the running one stays. Returns True when the reload took effect.
+        """
         from pacsd import tls
 
-        sd_notify("RELOADING=1")
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\n"
+                  "STATUS=reloading configuration and certificates")
+        seen = files_fingerprint(watched_files(self.cfg))
         try:
             new = configmod.load(self.cfg.source)
             if new.node.listen != self.cfg.node.listen:
                 raise ConfigError(f"{new.source}: node.listen changed; a restart is needed")
             tls.server_context(new)
+            tls.client_context(new)
+            # what start-up would refuse, plus an expired certificate or CA
+            problems = [p for p in tls.check_files(new) if "expired" in p]
+            if problems:
+                raise EnvironmentProblem("; ".join(problems))
         except PacsdError as exc:
+            self._files_seen = seen  # do not retry the same files; the next change will
             log.error("reload refused, keeping the running configuration: %s", exc)
-            audit.record(audit.Event("config.reload"), audit.Outcome.SERIOUS, error=str(exc))
-            sd_notify("READY=1\nSTATUS=reload refused; running with the previous configuration")
-            return
+            print(f"pacsd: reload refused, keeping the running configuration: {exc}",
+                  file=sys.stderr, flush=True)
+            audit.record(audit.Event("config.reload"), audit.Outcome.SERIOUS, trigger=trigger,
+                         error=str(exc)[:500], config=self.cfg.source)
+            sd_notify("READY=1\nSTATUS=reload refused; running with the previous "
+                      "configuration")
+            return False
         self.cfg = new
+        self._files_seen = files_fingerprint(watched_files(new))
         if self.sequencer is not None:
             self.sequencer.reconfigure(new)  # new syslog target, format, alert thresholds
+        replaced = 0
         for i, old in enumerate(list(self.workers)):
             fresh = self._spawn(old.index)
             try:
@@ -225,29 +442,44 @@ class Supervisor:
                 self._kill_all([fresh])
                 continue
             self.workers[i] = fresh
-            old.proc.send_signal(signal.SIGTERM)  # drains: running associations finish
+            with contextlib.suppress(ProcessLookupError):
+                old.proc.send_signal(signal.SIGTERM)  # drains: running associations finish
             self.retiring.append(old)
-        audit.record(audit.Event("config.reload"), audit.Outcome.SUCCESS)
-        sd_notify(f"READY=1\nSTATUS=serving on {self.cfg.node.listen} (reloaded)")
+            replaced += 1
+        self._watch.watch(watched_files(new))
+        self.reloads += 1
+        audit.record(audit.Event("config.reload"), audit.Outcome.SUCCESS, trigger=trigger,
+                     config=new.source, workers=replaced)
+        print(f"pacsd: reloaded ({trigger}); {replaced} worker(s) restarted", file=sys.stderr,
+              flush=True)
+        self._last_status = time.monotonic()
+        sd_notify(f"READY=1\nSTATUS={self.status_line()}")
+        return True
 
     def handle_term(self) -> int:
         """Stop accepting, let workers drain within shutdown_grace, then stop."""
         self._stopping = True
-        sd_notify("STOPPING=1")
+        grace = self.cfg.node.shutdown_grace
+        sd_notify(f"STOPPING=1\nSTATUS=stopping: draining associations (up to {grace} s)")
+        self._watch.stop()
         everyone = self.workers + self.retiring
         for w in everyone:
             with contextlib.suppress(ProcessLookupError):
                 w.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.cfg.node.shutdown_grace + 5
+        if self.sock is not None:
+            self.sock.close()  # the workers' copies close as they exit
+            self.sock = None
+        deadline = time.monotonic() + grace + 5  # workers abort at `grace` themselves
+        killed = 0
         for w in everyone:
             try:
                 w.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 w.proc.kill()
                 w.proc.wait()
-        if self.sock is not None:
-            self.sock.close()
-        audit.record(audit.Event("app.stop"), audit.Outcome.SUCCESS, pid=os.getpid())
+                killed += 1
+        audit.record(audit.Event("app.stop"), audit.Outcome.SUCCESS if not killed
+                     else audit.Outcome.MINOR, pid=os.getpid(), workers_killed=killed)
         return 0
 
     def _kill_all(self, workers: list[Worker]) -> None:
@@ -288,9 +520,15 @@ def run_worker(cfg: Config, fd: int, index: int) -> int:
         listen_sock = socket.socket(fileno=fd)
     except OSError as exc:
         raise EnvironmentProblem(f"worker {index}: bad listening socket fd {fd}: {exc}") from None
-    server, _services = app.build_server(cfg, listen_sock)
+    server, services = app.build_server(cfg, listen_sock)
     thread = threading.Thread(target=server.serve_forever, name="accept", daemon=True)
     thread.start()
+    box = None
+    if index == 0 and cfg.inbox.directory:  # one inbox per node; its lock bridges reloads
+        from pacsd.inbox import Inbox
+
+        box = Inbox(cfg, services.store)
+        box.start()
     ready_fd = os.environ.get("PACSD_READY_FD")
     if ready_fd:
         try:
@@ -303,6 +541,8 @@ def run_worker(cfg: Config, fd: int, index: int) -> int:
     while not stop.wait(1.0):
         if os.getppid() != parent:  # the supervisor died: do not linger as an orphan
             break
+    if box is not None:
+        box.stop()  # finishes the file in hand
     server.stop_accepting()
     aborted = server.drain(time.monotonic() + cfg.node.shutdown_grace)
     if aborted:

@@ -34,6 +34,8 @@ class Event(StrEnum):
     CONFIG_RELOAD = "config.reload"
     ALERT_ANOMALY = "alert.anomaly"
     AUDIT_DROPPED = "audit.dropped"
+    STORE_BACKUP = "store.backup"
+    STORE_RESTORE = "store.restore"
 
 
 class Outcome(IntEnum):
@@ -67,6 +69,8 @@ USER_AUTHENTICATION = Code("110114", "User Authentication")
 INSTANCES_TRANSFERRED = Code("110104", "DICOM Instances Transferred")
 QUERY = Code("110112", "Query")
 BEGIN_TRANSFERRING = Code("110102", "Begin Transferring DICOM Instances")
+EXPORT = Code("110106", "Export")
+IMPORT = Code("110107", "Import")
 
 APPLICATION_START = Code("110120", "Application Start")
 APPLICATION_STOP = Code("110121", "Application Stop")
@@ -98,6 +102,8 @@ DICOM_EVENTS: dict[Event, DicomEvent] = {
     Event.CONFIG_RELOAD: DicomEvent(SECURITY_ALERT, SECURITY_CONFIGURATION, "U"),
     Event.ALERT_ANOMALY: DicomEvent(SECURITY_ALERT, NODE_AUTHENTICATION, "E"),
     Event.AUDIT_DROPPED: DicomEvent(SECURITY_ALERT, AUDIT_RECORDING_STOPPED, "E"),
+    Event.STORE_BACKUP: DicomEvent(EXPORT, None, "R"),
+    Event.STORE_RESTORE: DicomEvent(IMPORT, None, "C"),
 }
 
 # syslog severity (RFC 5424 §6.2.1) by outcome; alerts are always severity 1 (alert)
