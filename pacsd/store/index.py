@@ -224,12 +224,13 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
 MIGRATIONS: list[dbutil.Migration] = [_m1_hierarchy]
 
 
-def open_index_db(cfg: Config) -> peewee.SqliteDatabase:
+def open_index_db(cfg: Config, *, create: bool = True) -> peewee.SqliteDatabase:
     """Open (creating and migrating as needed) the index database and bind the models to it.
 
-    Raises EnvironmentProblem when the file cannot be opened or is newer than this code.
+    Raises EnvironmentProblem when the file cannot be opened, is missing and `create` is
+    False, or is newer than this code.
     """
-    db = dbutil.open_sqlite(cfg.storage.index)
+    db = dbutil.open_sqlite(cfg.storage.index, create=create)
     dbutil.migrate(db, MIGRATIONS)
     index_db.initialize(db)
     return db

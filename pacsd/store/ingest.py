@@ -456,7 +456,7 @@ class Store:
             row = sql(_SQL_INSTANCE_BY_UID, (h.sop_instance_uid,)).fetchone()
             if row is not None and self._on_duplicate != "replace":
                 return "duplicate", None
-            key_cols = ("patient_id", "issuer_of_patient_id")
+            key_cols: tuple[str, ...] = ("patient_id", "issuer_of_patient_id")
             if not h.patient["patient_id"]:  # no ID: never merge strangers into one row
                 key_cols += ("patient_name", "patient_birth_date")
             patient_pk = _upsert(sql, "patient", {k: h.patient[k] for k in key_cols},

@@ -128,10 +128,10 @@ def _still_a_problem(objects: ObjectStore, p: Problem) -> bool:
     return True
 
 
-def run(cfg: Config, as_json: bool = False) -> int:
+def run(cfg: Config, as_json: bool = False, on_problem: ProblemHook | None = None) -> int:
     """`pacsd verify [--json]`: one line per problem and a summary; 0 clean, 1 problems."""
-    open_index_db(cfg)
-    report = verify_all(ObjectStore(cfg.storage.root))
+    open_index_db(cfg, create=False)  # verifying a node that does not exist is an error
+    report = verify_all(ObjectStore(cfg.storage.root), on_problem)
     if as_json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -118,3 +118,11 @@ def test_verify_reports_orphan_and_missing(node: Path, tmp_path: Path) -> None:
     assert f"orphan: {objects / rows[1][1][:2] / rows[1][1][2:4] / (rows[1][1] + '.dcm')}" \
         in out.stdout
     assert "0 corrupt, 1 missing, 1 orphan" in out.stdout
+
+
+def test_verify_without_an_index_is_an_environment_error(node: Path) -> None:
+    out = pacsd(node, "verify")
+    assert out.returncode == 2
+    assert "index.sqlite" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (node.parent / "data" / "index.sqlite").exists()
