@@ -99,6 +99,13 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
         return
     limit = services.cfg.query.max_results
     matches = 0
+    audited = False
+
+    def done(outcome: audit.Outcome, **more: Any) -> None:
+        nonlocal audited
+        audited = True
+        _audit_query(fields, outcome, matches=matches, **more)
+
     try:
         q = query.parse(_identifier(event), model)
         fields.update(q.summary())
@@ -107,26 +114,29 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
                              retrieve_ae=services.cfg.node.ae_title)
         for ds in results:
             if event.is_cancelled:
-                _audit_query(fields, audit.Outcome.SUCCESS, matches=matches, cancelled=True)
+                done(audit.Outcome.SUCCESS, cancelled=True)
                 yield status.CANCEL, None
                 return
             if matches == limit:
                 comment = f"more than {limit} matches (query.max_results); refine the query"
-                _audit_query(fields, audit.Outcome.MINOR, matches=matches, truncated=True)
+                done(audit.Outcome.MINOR, truncated=True)
                 yield _status_ds(status.OUT_OF_RESOURCES, comment), None
                 return
             matches += 1
             yield status.PENDING, ds
+        done(audit.Outcome.SUCCESS)
     except QueryError as exc:
-        _audit_query(fields, audit.Outcome.MINOR, reason=exc.comment)
+        done(audit.Outcome.MINOR, reason=exc.comment)
         yield _status_ds(exc.status, exc.comment, exc.offending), None
         return
     except Exception as exc:  # a database or decoding fault: answer, audit, keep serving
         log.exception("C-FIND failed")
-        _audit_query(fields, audit.Outcome.MAJOR, matches=matches, reason=type(exc).__name__)
+        done(audit.Outcome.MAJOR, reason=type(exc).__name__)
         yield _status_ds(status.UNABLE_TO_PROCESS, "query failed"), None
         return
-    _audit_query(fields, audit.Outcome.SUCCESS, matches=matches)
+    finally:
+        if not audited:  # the peer aborted or released while matches were pending
+            done(audit.Outcome.MINOR, interrupted=True)
     yield status.SUCCESS, None
 
 
@@ -162,7 +172,7 @@ class _Replies:
         if replies is None:
             replies = cls(assoc)
             assoc._pacsd_replies = replies
-        return replies  # type: ignore[no-any-return]
+        return replies
 
     def rewrite(self, msg_id: int, fn: Callable[[Any], None]) -> None:
         with self._lock:
@@ -207,6 +217,7 @@ class _Retrieval:
         self.pending: dict[str, Selected] = {}
         self.refused_destination = ""  # set when the destination's certificate is wrong
         self.established = False
+        self.finished = False
         objects = getattr(services.store, "objects", None)
         self.tmp_dir = getattr(objects, "tmp", None)
 
@@ -263,6 +274,10 @@ class _Retrieval:
         return rsp
 
     def finish(self, outcome: audit.Outcome | None = None, **more: Any) -> None:
+        """The one dicom.retrieve record of this request (later calls do nothing)."""
+        if self.finished:
+            return
+        self.finished = True
         t = self.tally
         if outcome is None:
             if t.failed == 0 and t.remaining == 0:
@@ -286,14 +301,18 @@ def _select(event: Any, models: dict[str, str]) -> tuple[query.Query, list[Selec
 
 def _subops(r: _Retrieval, event: Any, selected: list[Selected]
             ) -> Iterator[tuple[Any, Dataset | None]]:
-    """Yield one placeholder per instance, stopping on C-CANCEL."""
-    for sel in selected:
-        if event.is_cancelled:
-            r.finish(audit.Outcome.MINOR, cancelled=True)
-            yield status.CANCEL, None
-            return
-        yield status.PENDING, r.placeholder(sel)
-    r.finish()
+    """Yield one placeholder per instance, stopping on C-CANCEL. A request abandoned by
+    pynetdicom (peer aborted or released) is still audited when the generator closes."""
+    try:
+        for sel in selected:
+            if event.is_cancelled:
+                r.finish(audit.Outcome.MINOR, cancelled=True)
+                yield status.CANCEL, None
+                return
+            yield status.PENDING, r.placeholder(sel)
+        r.finish()
+    finally:
+        r.finish(audit.Outcome.MINOR, interrupted=True)
 
 
 def handle_get(event: Any, services: Services) -> Iterator[Any]:

@@ -507,4 +507,4 @@ def select_instances(query: Query, *, limit: int) -> list[Selected]:
     if len(rows) > limit:
         raise QueryError(OUT_OF_RESOURCES,
                          f"more than {limit} instances selected; retrieve a smaller set")
-    return [Selected(*r) for r in rows]
+    return [Selected(*row) for row in rows]  # type: ignore[misc]  # peewee rows are untyped

@@ -167,3 +167,18 @@ def test_get_cancel_reports_remaining(cfg: Any) -> None:
     assert statuses(out) == [0xFF00, 0xFF00, 0xFE00]
     assert [o[1].SOPInstanceUID for o in out[:2]] == ["1.2.1.1.1", "1.2.1.1.2"]
     assert records[-1]["cancelled"] is True and records[-1]["instances"] == 4
+
+
+def test_abandoned_requests_are_still_audited(cfg: Any) -> None:
+    with audit.capture() as records:
+        gen = qr.handle_get(FakeEvent(study_query(StudyInstanceUID="1.2.1"), STUDY_GET,
+                                      {"get"}), FakeServices(cfg))  # type: ignore[arg-type]
+        assert next(gen) == 4
+        next(gen)
+        gen.close()  # what pynetdicom's abandoning of the generator amounts to
+        find = qr.handle_find(FakeEvent(study_query(), STUDY_FIND, {"find"}),
+                              FakeServices(cfg))  # type: ignore[arg-type]
+        next(find)
+        find.close()
+    assert [(r["event"], r.get("interrupted")) for r in records] == [
+        ("dicom.retrieve", True), ("dicom.query", True)]
