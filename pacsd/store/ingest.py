@@ -20,6 +20,7 @@ DIMSE statuses (one place, PS3.4 B.2.3 / PS3.7 C.4):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -388,14 +389,18 @@ class Store:
 
             published = spool.finish()  # set first: a failed publish must be undone too
             self.objects.publish(spool)
-            outcome, old_sha = self._index(h, published, size, str(transfer_syntax), origin)
+            replacing = existing is not None and existing[0] != published
+            with (self.objects.removal_marker(existing[0]) if replacing and existing
+                  else contextlib.nullcontext()):
+                outcome, old_sha = self._index(h, published, size, str(transfer_syntax),
+                                               origin)
+                if old_sha and old_sha != published:
+                    self._discard_if_unreferenced(old_sha)
             if outcome != "stored":  # raced with another store of the same UID
                 self._discard_if_unreferenced(published)
                 existing = self._existing(h.sop_instance_uid)
                 assert existing is not None
                 return self._duplicate(existing, h, size)
-            if old_sha and old_sha != published:
-                self._discard_if_unreferenced(old_sha)
             return IngestResult(SUCCESS, True, existing is not None, published, size,
                                 h.study_uid, h.patient["patient_id"], "stored")
         except _Refused as exc:

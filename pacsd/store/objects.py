@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import os
 import re
+import secrets
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -296,6 +297,34 @@ class ObjectStore:
             os.link(src, dest)
         except FileExistsError:
             Path(src).replace(dest)
+
+    @contextlib.contextmanager
+    def removal_marker(self, sha256: str) -> Iterator[None]:
+        """While the block runs, a locked second link to the object sits in root/.tmp.
+
+        Used around an index change that may leave the object unreferenced (replace): if
+        the process dies before the caller removes it, the start-up sweep finds the
+        marker and removes the object when no row references it any more.
+        """
+        src = self.path_for(sha256)
+        marker = self.tmp / f"replaced-{secrets.token_hex(8)}.tmp"
+        fd: int | None = None
+        try:
+            os.link(src, marker)
+            fd = os.open(marker, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            pass  # no object (or a sweep took the marker): nothing to protect
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+                fd = None
+        try:
+            yield
+        finally:
+            marker.unlink(missing_ok=True)
+            if fd is not None:
+                os.close(fd)
 
     def remove(self, sha256: str) -> bool:
         """Unlink an object (durably); False when it was not there."""

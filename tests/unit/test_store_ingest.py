@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -251,6 +252,46 @@ def test_duplicate_replace_points_to_new_object_and_removes_old(tmp_path: Path) 
     assert third.sha256 == second.sha256
     assert object_files(store) == [store.objects.path_for(second.sha256)]
     store.close()
+
+
+def test_crash_during_replace_leaves_no_orphan_after_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = write_config(tmp_path, 'on_duplicate = "replace"')
+    store = Store.open(cfg)
+    ds = make_dataset()
+    first = put(store, ds)
+    ds.StudyDescription = "CHANGED"
+
+    class Died(BaseException):
+        pass
+
+    def die(_sha: str) -> None:  # the process dies after the commit, before the removal
+        raise Died
+
+    monkeypatch.setattr(store, "_discard_if_unreferenced", die)
+    with store.objects.removal_marker(first.sha256):  # what the marker is while it lives
+        assert store.objects.path_for(first.sha256).stat().st_nlink == 2
+        assert list(store.objects.temp_leftovers()) == []  # locked: not a leftover
+    assert store.objects.path_for(first.sha256).stat().st_nlink == 1
+
+    def marker_of_a_dead_process(sha: str) -> Any:  # the link stays, its lock died
+        os.link(store.objects.path_for(sha), store.objects.tmp / "replaced-dead.tmp")
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(store.objects, "removal_marker", marker_of_a_dead_process)
+    monkeypatch.setattr(objects.SpoolFile, "abort", objects.SpoolFile.close)
+    with pytest.raises(Died):
+        put(store, ds)
+    monkeypatch.undo()
+    second_sha = Instance.get().sha256
+    assert second_sha != first.sha256
+    assert store.objects.path_for(first.sha256).exists()  # the would-be orphan
+    store.close()
+    reopened = Store.open(cfg)  # the sweep finishes the job
+    assert reopened.swept == 2  # the marker and the spool's temp name
+    assert object_files(reopened) == [reopened.objects.path_for(second_sha)]
+    assert list(reopened.objects.tmp.iterdir()) == []
+    reopened.close()
 
 
 def test_duplicate_reject_is_a_failure_and_changes_nothing(tmp_path: Path) -> None:
