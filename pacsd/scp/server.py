@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import socket
+import socketserver
 import ssl
 import threading
 from pathlib import Path
@@ -156,7 +157,10 @@ class NodeServer(ThreadedAssociationServer):
 
     def stop_accepting(self) -> None:
         """Stop the accept loop; running associations continue."""
-        super(ThreadedAssociationServer, self).shutdown()  # socketserver.BaseServer.shutdown
+        # BaseServer's, not AssociationServer.shutdown (next in the MRO): that one calls
+        # server_close(), whose shutdown(SHUT_RDWR) stops the listening socket that the
+        # supervisor and every other worker share.
+        socketserver.BaseServer.shutdown(self)
 
     def drain(self, deadline: float) -> int:
         """Wait until no association is active or `deadline` (monotonic) passes; abort the rest.
