@@ -26,7 +26,9 @@ from typing import Any
 
 import peewee
 from peewee import JOIN, fn
+from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
@@ -85,6 +87,7 @@ _COMPUTED = frozenset({
     "NumberOfStudyRelatedInstances", "ModalitiesInStudy", "SOPClassesInStudy",
     "NumberOfSeriesRelatedInstances",
 })
+_NO_VALIDATION = pydicom_config.IGNORE
 _TABLE_OF_LEVEL = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
 
 
@@ -437,7 +440,9 @@ def find(query: Query, *, limit: int, case_insensitive: bool = False,
             value = _value_for(k, raw)
             if isinstance(value, str):
                 texts.append(value)
-            ds.add_new(k.tag, k.vr, value)
+            # values come from our own index: skip pydicom's per-value validation (it is
+            # most of the cost of building a response)
+            ds[k.tag] = DataElement(k.tag, k.vr, value, validation_mode=_NO_VALIDATION)
         for k in plan.empty:
             ds.add_new(k.tag, k.vr, [] if k.vr == "SQ" else None)
         if 0x00080054 in query.other:
