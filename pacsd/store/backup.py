@@ -383,11 +383,11 @@ def _has_rows(db: str) -> str | None:
     return None
 
 
-def _check_empty(cfg: Config) -> None:
+def _check_empty(cfg: Config, serving: bool = False) -> None:
     """Refuse (AlreadyExists) unless the configured databases and object root hold no data."""
     from pacsd.audit import socket_live, socket_path_for
 
-    if socket_live(socket_path_for(cfg)):
+    if serving or socket_live(socket_path_for(cfg)):
         raise EnvironmentProblem(f"{cfg.source}: a node is serving with this configuration; "
                                  "stop it before restoring")
     for key, db in (("storage.index", cfg.storage.index), ("auth.database", cfg.auth.database)):
@@ -415,7 +415,7 @@ def _place_db(src: Path, target: Path) -> None:
     _fsync_path(target.parent, directory=True)
 
 
-def restore(cfg: Config, src: Path) -> tuple[int, int, int]:
+def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int, int]:
     """Restore SRC into the locations named by cfg; returns (instances, files, bytes).
 
     Raises ProblemFound (the backup is incomplete or damaged: nothing was written, or
@@ -429,7 +429,7 @@ def restore(cfg: Config, src: Path) -> tuple[int, int, int]:
         raise ProblemFound(f"{src}: the backup does not match its manifest; nothing restored: "
                            + "; ".join(damaged[:5])
                            + (f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""))
-    _check_empty(cfg)
+    _check_empty(cfg, serving)
     root = Path(cfg.storage.root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     (root / ".tmp").mkdir(mode=0o700, exist_ok=True)
@@ -468,10 +468,11 @@ def restore(cfg: Config, src: Path) -> tuple[int, int, int]:
 
 def run_restore(cfg: Config, src: Path) -> int:
     """`pacsd restore SRC`: 0 once everything is in place and verified."""
-    audit.start_standalone(cfg)
+    # a sequencer answering means a node serves on these databases
+    serving = isinstance(audit.start_standalone(cfg), audit.WorkerClient)
     old_umask = os.umask(0o077)
     try:
-        instances, files, nbytes = restore(cfg, src)
+        instances, files, nbytes = restore(cfg, src, serving=serving)
     except PacsdError as exc:
         audit.record(audit.Event("store.restore"), audit.Outcome.SERIOUS, src=str(src),
                      error=str(exc)[:500])
