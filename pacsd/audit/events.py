@@ -28,6 +28,7 @@ class Event(StrEnum):
     DICOM_STORE = "dicom.store"
     DICOM_QUERY = "dicom.query"
     DICOM_RETRIEVE = "dicom.retrieve"
+    DICOM_COMMIT = "dicom.commit"
     INTEGRITY_FAILURE = "integrity.failure"
     ADMIN_USER = "admin.user"
     ADMIN_AE = "admin.ae"
@@ -71,6 +72,7 @@ QUERY = Code("110112", "Query")
 BEGIN_TRANSFERRING = Code("110102", "Begin Transferring DICOM Instances")
 EXPORT = Code("110106", "Export")
 IMPORT = Code("110107", "Import")
+INSTANCES_ACCESSED = Code("110103", "DICOM Instances Accessed")
 
 APPLICATION_START = Code("110120", "Application Start")
 APPLICATION_STOP = Code("110121", "Application Stop")
@@ -96,6 +98,8 @@ DICOM_EVENTS: dict[Event, DicomEvent] = {
     Event.DICOM_STORE: DicomEvent(INSTANCES_TRANSFERRED, None, "C"),
     Event.DICOM_QUERY: DicomEvent(QUERY, None, "E"),
     Event.DICOM_RETRIEVE: DicomEvent(BEGIN_TRANSFERRING, None, "E"),
+    # storage commitment: the referenced instances are read and verified (issue 8)
+    Event.DICOM_COMMIT: DicomEvent(INSTANCES_ACCESSED, None, "R"),
     Event.INTEGRITY_FAILURE: DicomEvent(SECURITY_ALERT, OBJECT_SECURITY_ATTRIBUTES_CHANGED, "E"),
     Event.ADMIN_USER: DicomEvent(SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "U"),
     Event.ADMIN_AE: DicomEvent(SECURITY_ALERT, SECURITY_CONFIGURATION, "U"),

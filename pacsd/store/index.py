@@ -220,8 +220,39 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
         db.execute_sql(sql)  # type: ignore[no-untyped-call]  # peewee has no annotations
 
 
+def _m2_commitment(db: peewee.SqliteDatabase) -> None:
+    """Storage commitment requests (store/commitment.py): written before the N-ACTION
+    response, claimed by one worker at a time, kept after delivery for 0131 checks."""
+    statements = [
+        """CREATE TABLE commitment (
+            pk INTEGER PRIMARY KEY,
+            transaction_uid TEXT NOT NULL,
+            calling_ae TEXT NOT NULL,
+            source_ip TEXT NOT NULL DEFAULT '',
+            assoc_id TEXT NOT NULL DEFAULT '',
+            username TEXT NOT NULL DEFAULT '',
+            received TEXT NOT NULL,
+            duplicate INTEGER NOT NULL DEFAULT 0,
+            items TEXT NOT NULL,
+            result TEXT,
+            state TEXT NOT NULL DEFAULT 'pending',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NOT NULL,
+            deadline REAL NOT NULL,
+            claimed_by TEXT,
+            claim_until REAL,
+            last_error TEXT NOT NULL DEFAULT '',
+            finished TEXT
+        )""",
+        "CREATE INDEX commitment_due_idx ON commitment (state, next_attempt)",
+        "CREATE INDEX commitment_transaction_idx ON commitment (transaction_uid)",
+    ]
+    for sql in statements:
+        db.execute_sql(sql)  # type: ignore[no-untyped-call]
+
+
 # Append only. Index i migrates schema version i -> i+1.
-MIGRATIONS: list[dbutil.Migration] = [_m1_hierarchy]
+MIGRATIONS: list[dbutil.Migration] = [_m1_hierarchy, _m2_commitment]
 
 
 def open_index_db(cfg: Config, *, create: bool = True) -> peewee.SqliteDatabase:

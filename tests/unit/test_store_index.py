@@ -57,7 +57,8 @@ def test_foreign_keys_enforced_and_reopen_is_idempotent(cfg: configmod.Config) -
                           sha256="0" * 64, size=1, transfer_syntax="1.2.840.10008.1.2.1",
                           received=now)
     db2 = index.open_index_db(cfg)  # second open: no migration re-applied, data kept
-    assert db2.execute_sql("SELECT max(version) FROM schema_version").fetchone()[0] == 1
+    assert db2.execute_sql("SELECT max(version) FROM schema_version").fetchone()[0] == len(
+            index.MIGRATIONS)
     row = (index.Instance.select(index.Instance, index.Series, index.Study, index.Patient)
            .join(index.Series).join(index.Study).join(index.Patient)
            .where(index.Patient.patient_name_upper == "DOE^JANE").get())
