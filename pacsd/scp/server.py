@@ -8,6 +8,7 @@ the plain socket and the handshake runs in the connection's own thread, bounded 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -21,7 +22,6 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from pacsd import audit
 from pacsd.scp.state import Services
 
 log = logging.getLogger("pacsd.server")
@@ -108,14 +108,10 @@ def _handshake_reason(exc: BaseException) -> str:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    try:
+    with contextlib.suppress(OSError):
         sock.close()
-    except OSError:
-        pass
 
 
 class NodeServer(ThreadedAssociationServer):

@@ -1,0 +1,279 @@
+"""Receive-path changes to pynetdicom 3.0.x, applied once per worker by `app.py`.
+
+pynetdicom's two per-association threads poll: the DUL thread sleeps 1 ms whenever it
+finds nothing to do, and the association thread sleeps 1 ms before every look at its
+message queue. Under load that is thousands of wake-ups a second per association,
+each fighting for the GIL, plus up to 2 ms of latency added to every request/response
+round trip. Its socket reads are 4 KiB at a time.
+
+Here the DUL thread instead waits on the socket and on a wake-up pipe that `send_pdu`
+and `kill_dul` write to, so it runs exactly when there is work; the association thread
+blocks on its message queue; and the socket is read with `recv_into` in one buffer of
+the whole PDU. The loops below are pynetdicom 3.0.4's own with only the waiting
+changed (setup.cfg pins pynetdicom <3.1; `tests/unit/test_tuning.py` checks the
+patched names still exist).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import select
+import ssl
+import struct
+import time
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.transport import AssociationSocket
+
+# Longest the DUL thread sleeps without an event: bounds how late the ARTIM and idle
+# timers and events queued by other threads (e.g. a local abort) are noticed.
+DUL_IDLE_WAIT = 0.02
+# Longest the association thread blocks on its message queue before it checks for
+# release, abort and the network timeout.
+ASSOC_IDLE_WAIT = 0.01
+
+_applied = False
+
+
+def apply() -> None:
+    """Install the changes (idempotent)."""
+    global _applied
+    if _applied:
+        return
+    DULServiceProvider.run_reactor = _dul_run_reactor  # type: ignore[method-assign]
+    DULServiceProvider.send_pdu = _dul_send_pdu  # type: ignore[method-assign]
+    DULServiceProvider.kill_dul = _dul_kill  # type: ignore[method-assign]
+    Association._run_reactor = _assoc_run_reactor  # type: ignore[method-assign]
+    AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
+    DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
+    _applied = True
+
+
+# --------------------------------------------------------------------------- DUL thread
+
+
+def _wake(dul: Any) -> None:
+    fd = getattr(dul, "_pacsd_wake_w", None)
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(fd, b"\0")
+
+
+_original_send_pdu = DULServiceProvider.send_pdu
+_original_kill = DULServiceProvider.kill_dul
+
+
+def _dul_send_pdu(self: Any, primitive: Any) -> None:
+    _original_send_pdu(self, primitive)
+    _wake(self)
+
+
+def _dul_kill(self: Any) -> None:
+    _original_kill(self)
+    _wake(self)
+
+
+def _wait_for_work(dul: Any, wake_r: int) -> None:
+    """Block until the socket is readable, someone queued a primitive, or the idle wait."""
+    assoc_sock = dul.socket
+    raw = getattr(assoc_sock, "socket", None)
+    if raw is None or not getattr(assoc_sock, "_is_connected", False):
+        time.sleep(0.001)
+        return
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return
+    if not dul.to_provider_queue.empty():
+        return
+    try:
+        ready, _, _ = select.select([raw, wake_r], [], [], DUL_IDLE_WAIT)
+    except (OSError, ValueError):
+        return  # the socket went away; the reactor's own checks will see it
+    if wake_r in ready:
+        with contextlib.suppress(BlockingIOError):
+            os.read(wake_r, 4096)
+
+
+def _dul_run_reactor(self: Any) -> None:
+    """pynetdicom's DULServiceProvider.run_reactor, waiting instead of sleep-polling."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    self._pacsd_wake_w = wake_w
+    try:
+        _dul_loop(self, wake_r)
+    finally:
+        self._pacsd_wake_w = None
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _dul_loop(self: Any, wake_r: int) -> None:
+    self._idle_timer.start()
+    sleep = False
+    while True:
+        if not self.assoc._dul_ready.is_set():
+            self.assoc._dul_ready.set()
+            sleep = True
+        if sleep:
+            _wait_for_work(self, wake_r)
+        if self._kill_thread:
+            break
+        if self.artim_timer.expired:
+            self.event_queue.put("Evt18")
+        try:
+            if self._process_recv_primitive():
+                pass
+            elif self._is_transport_event():
+                self._idle_timer.restart()
+        except Exception:
+            abort_pdu = A_ABORT_RQ()
+            abort_pdu.source = 0x02
+            abort_pdu.reason_diagnostic = 0x00
+            with contextlib.suppress(Exception):
+                self.socket.send(abort_pdu.encode())
+            self.assoc.is_aborted = True
+            self.assoc.is_established = False
+            self.assoc._kill = True
+            self._kill_thread = True
+            return
+        try:
+            event = self.event_queue.get(block=False)
+        except queue.Empty:
+            sleep = True
+            continue
+        self.state_machine.do_action(event)
+        sleep = False
+
+
+# --------------------------------------------------------------------------- association
+
+
+def _assoc_run_reactor(self: Any) -> None:
+    """pynetdicom's Association._run_reactor, blocking on the message queue."""
+    self._is_paused = False
+    msg_queue = self.dimse.msg_queue
+    while not self._kill:
+        self._is_paused = True
+        self._reactor_checkpoint.wait()
+        self._is_paused = False
+        try:
+            context_id, msg = msg_queue.get(timeout=ASSOC_IDLE_WAIT)
+        except queue.Empty:
+            context_id, msg = None, None
+        if msg:
+            self._serve_request(msg, int(context_id))
+        if self.is_established and self.acse.is_release_requested():
+            self.acse.send_release(is_response=True)
+            self.is_released = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_RELEASED, {})
+            self.kill()
+            return
+        if self.acse.is_aborted():
+            self.dul.receive_pdu(wait=False)
+            self.is_aborted = True
+            self.is_established = False
+            evt.trigger(self, evt.EVT_ABORTED, {})
+            self.kill()
+            return
+        if not self.dul.is_alive():
+            self.kill()
+            return
+        if self.dul.idle_timer_expired():
+            if self.network_timeout_response == "A-RELEASE":
+                self._is_paused = True
+                self._reactor_checkpoint.wait()
+                self.release()
+                self._is_paused = False
+            else:
+                self.abort()
+            self.kill()
+            return
+
+
+# --------------------------------------------------------------------------- socket
+
+
+def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
+    """Read exactly nr_bytes (fewer only when the peer closed) into one buffer."""
+    buf = bytearray(nr_bytes)
+    view = memoryview(buf)
+    got = 0
+    sock = self.socket
+    while got < nr_bytes:
+        n = sock.recv_into(view[got:], nr_bytes - got)
+        if not n:
+            del view
+            return buf[:got]
+        got += n
+    del view
+    return buf
+
+
+# --------------------------------------------------------------------------- C-STORE-RSP
+
+_original_send_msg = DIMSEServiceProvider.send_msg
+
+
+def _element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    b = value.encode("ascii")
+    return b + b"\0" if len(b) % 2 else b
+
+
+def encode_store_rsp(sop_class: str, message_id: int, status: int, sop_instance: str,
+                     error_comment: str = "") -> bytes:
+    """The C-STORE-RSP command set, Implicit VR Little Endian (PS3.7 9.3.1.2), by hand.
+
+    pydicom builds, validates and encodes a Dataset for every response (about a fifth
+    of the per-instance CPU); these eight elements never change shape.
+    """
+    body = b"".join([
+        _element(0x0002, _ui(sop_class)),
+        _element(0x0100, struct.pack("<H", 0x8001)),
+        _element(0x0120, struct.pack("<H", message_id)),
+        _element(0x0800, struct.pack("<H", 0x0101)),
+        _element(0x0900, struct.pack("<H", status)),
+    ])
+    if error_comment:
+        c = error_comment.encode("ascii", "replace")[:64]
+        body += _element(0x0902, c + b" " if len(c) % 2 else c)
+    body += _element(0x1000, _ui(sop_instance))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
+    if (
+        type(primitive) is C_STORE
+        and primitive.MessageIDBeingRespondedTo is not None
+        and getattr(primitive, "OffendingElement", None) is None
+        and getattr(primitive, "ErrorID", None) is None
+        and primitive.Status is not None
+    ):
+        cmd = encode_store_rsp(
+            str(primitive.AffectedSOPClassUID or ""),
+            int(primitive.MessageIDBeingRespondedTo),
+            int(primitive.Status),
+            str(primitive.AffectedSOPInstanceUID or ""),
+            str(primitive.ErrorComment or ""),
+        )
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]
+        self.dul.send_pdu(pdata)
+        return
+    _original_send_msg(self, primitive, context_id)
+
+
+__all__ = ["apply", "encode_store_rsp"]

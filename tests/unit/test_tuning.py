@@ -1,0 +1,43 @@
+"""The pynetdicom receive-path changes in scp/tuning.py stay equivalent to pynetdicom's own."""
+
+from __future__ import annotations
+
+import pytest
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket
+
+from pacsd.scp import tuning
+
+
+@pytest.mark.parametrize("comment", ["", "dataset SOP Instance UID differs", "odd"])
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000])
+def test_hand_encoded_store_rsp_equals_pynetdicom(comment: str, status: int) -> None:
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 65535
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    p.Status = status
+    if comment:
+        p.ErrorComment = comment
+    msg = C_STORE_RSP()
+    msg.primitive_to_message(p)
+    ref = b"".join(x.presentation_data_value_list[0][1][1:] for x in msg.encode_msg(1, 16384))
+    mine = tuning.encode_store_rsp(p.AffectedSOPClassUID, 65535, status,
+                                   p.AffectedSOPInstanceUID, comment)
+    assert mine == ref
+
+
+def test_patched_pynetdicom_names_exist() -> None:
+    """Guards an upgrade of pynetdicom: every method tuning.py replaces must still exist."""
+    for cls, name in ((DULServiceProvider, "run_reactor"), (DULServiceProvider, "send_pdu"),
+                      (DULServiceProvider, "kill_dul"), (Association, "_run_reactor"),
+                      (AssociationSocket, "recv"), (DIMSEServiceProvider, "send_msg")):
+        assert callable(getattr(cls, name))
+    for name in ("_process_recv_primitive", "_is_transport_event", "artim_timer",
+                 "to_provider_queue", "event_queue", "_idle_timer"):
+        assert name in DULServiceProvider.__init__.__code__.co_names or hasattr(
+            DULServiceProvider, name), name
