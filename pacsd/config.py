@@ -175,6 +175,7 @@ class StorageConfig:
     max_object_mb: int = _f(0, integer(0, 10_000_000))
     encryption: bool = _f(False, boolean)
     key_file: str = _f("tls/storage.key", path, is_path=True)
+    keyring: str = _f("data/keyring.json", path, is_path=True)  # wrapped data keys (issue 7)
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,24 @@ class InboxConfig:
     scan_interval: int = _f(2, integer(1, 3_600))  # rescan even without a file event
 
 
+def ae_title_list(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _type_error(key, "a list of AE titles", value)
+    return tuple(ae_title(item, key) for item in value)
+
+
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """Storage Commitment Push Model SCP (issue 8)."""
+
+    report_on: str = _f("same-or-new", choice("same-or-new", "new"))
+    new_association_for: tuple[str, ...] = _f((), ae_title_list)  # AEs always given "new"
+    retry_interval: int = _f(30, integer(1, 86_400))  # first retry; doubles per attempt
+    retry_max_interval: int = _f(900, integer(1, 86_400))
+    retry_deadline: int = _f(86_400, integer(1, 86_400 * 30))  # then audited as failed
+    max_items: int = _f(10_000, integer(1, 1_000_000))  # per N-ACTION; more is refused
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole validated configuration; `source` is the file it came from."""
@@ -245,6 +264,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     inbox: InboxConfig = field(default_factory=InboxConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
 
     @property
     def base_dir(self) -> Path:

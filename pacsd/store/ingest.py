@@ -122,9 +122,8 @@ def _parse_header(spool: SpoolFile) -> Dataset:
         if spool.head_complete:
             raise
         head_error = exc
-    spool.flush()
     stopped = False
-    with open(spool.name, "rb") as f:
+    with spool.open_plaintext() as f:  # decrypts when the spool is an envelope
         ds = read_partial(f, stop_when=stop, defer_size=4096)
     if head_error is not None:
         log.debug("store.head_parse_fallback", error=str(head_error))
@@ -327,10 +326,11 @@ class Store:
     def open(cls, cfg: Config) -> Store:
         """Open/migrate the index, create root and root/.tmp (0700), sweep crash leftovers.
 
-        Raises EnvironmentProblem (database) or OSError (root not creatable).
+        Raises EnvironmentProblem (database; with encryption on, a missing or wrong key
+        file: checked first, so nothing is written then) or OSError (root not creatable).
         """
+        objects = ObjectStore.for_config(cfg)
         db = open_index_db(cfg)
-        objects = ObjectStore(cfg.storage.root)
         objects.ensure()
         swept = objects.sweep_tmp(
             lambda sha: _exec(db, "SELECT 1 FROM instance WHERE sha256 = ? LIMIT 1",
@@ -393,7 +393,7 @@ class Store:
             with (self.objects.removal_marker(existing[0]) if replacing and existing
                   else contextlib.nullcontext()):
                 outcome, old_sha = self._index(h, published, size, str(transfer_syntax),
-                                               origin)
+                                               origin, spool.key_version)
                 if old_sha and old_sha != published:
                     self._discard_if_unreferenced(old_sha)
             if outcome != "stored":  # raced with another store of the same UID
@@ -448,7 +448,7 @@ class Store:
             log.exception("store.cleanup_failed", sha256=sha256)
 
     def _index(self, h: _Header, sha256: str, size: int, transfer_syntax: str,
-               origin: Origin) -> tuple[str, str | None]:
+               origin: Origin, key_version: int | None = None) -> tuple[str, str | None]:
         """Upsert patient/study/series/instance in one short write transaction.
 
         Returns ("stored", previous sha256 or None) or ("duplicate", None) when another
@@ -483,7 +483,7 @@ class Store:
                                 now, {"study_pk": study_pk})
             values = (series_pk, h.sop_class_uid, h.instance_number, sha256, size,
                       transfer_syntax, now, origin.calling_ae, origin.source_ip,
-                      origin.username, origin.assoc_id, None)
+                      origin.username, origin.assoc_id, key_version)
             if row is None:
                 sql(_SQL_INSTANCE_INSERT, (h.sop_instance_uid, *values))
                 return "stored", None

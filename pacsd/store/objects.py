@@ -7,6 +7,11 @@ here builds a path from anything but a validated hex digest.
 Temp files are locked (flock) by the process writing them while they are open, so a
 sweep or `verify` in another process (a restarted worker, the admin CLI) never takes an
 in-flight spool for a crash leftover.
+
+Encryption at rest (`[storage] encryption`, issue 7): the spool encrypts as it writes
+(`store.envelope`), so plaintext never reaches the disk; the name is still the SHA-256
+of the plaintext. Reads tell envelope from plaintext by the first bytes, so a store may
+hold both (while `pacsd key encrypt-existing` runs, or after encryption is switched off).
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from pacsd.errors import ProblemFound
+from pacsd.keys import KeyProblem, Keyring
+from pacsd.store.envelope import CHUNK, MAGIC, EnvelopeError, Opener, Sealer, is_envelope
 
 HEAD_SIZE = 256 * 1024  # first bytes kept in memory: enough for any header we index
 _BUFFER = 256 * 1024  # small writes are gathered up to this size before a syscall
 READ_CHUNK = 1024 * 1024
+_MEMFD_MAX = 32 * 1024 * 1024  # decrypted reads up to this size stay in memory (memfd)
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -104,10 +112,14 @@ class SpoolFile:
     Compatible with how pynetdicom uses `NamedTemporaryFile(delete=False, mode="wb",
     suffix=".dcm")` for chunked C-STORE receipt (extra keyword arguments are ignored).
     `limit` (bytes, None = unlimited): beyond it the spool stops writing to disk and
-    sets `over_limit`; the caller then refuses the object (A700).
+    sets `over_limit`; the caller then refuses the object (A700). With a `sealer` the
+    file is an envelope: whole chunks are encrypted as they fill, the final one at
+    finish()/close(); `sha256`, `size` and `head` are always of the plaintext.
     """
 
-    def __init__(self, dir: str | Path, *, limit: int | None = None, **_ignored: Any) -> None:
+    def __init__(self, dir: str | Path, *, limit: int | None = None,
+                 sealer: Sealer | None = None, dek: bytes | None = None,
+                 **_ignored: Any) -> None:
         fd, name = tempfile.mkstemp(dir=dir, prefix="spool-", suffix=".tmp")  # 0600, O_EXCL
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -125,6 +137,20 @@ class SpoolFile:
         self._head = bytearray()
         self._pending = bytearray()
         self._digest: str | None = None
+        self._sealer = sealer
+        self._dek = dek  # to read back our own envelope (open_plaintext)
+        self._sealed = False
+        if sealer is not None:
+            try:
+                _write_all(fd, [sealer.header()])
+            except BaseException:
+                self.abort()
+                raise
+
+    @property
+    def key_version(self) -> int | None:
+        """The key version of the envelope being written; None for a plaintext file."""
+        return None if self._sealer is None else self._sealer.version
 
     # -- writing --------------------------------------------------------------------
     def write(self, data: Any) -> int:
@@ -145,6 +171,11 @@ class SpoolFile:
         self._hash.update(data)
         if len(self._head) < HEAD_SIZE:
             self._head += memoryview(data).cast("B")[: HEAD_SIZE - len(self._head)]
+        if self._sealer is not None:
+            self._pending += data
+            if len(self._pending) >= CHUNK:
+                self._seal_full_chunks()
+            return n
         if len(self._pending) + n < _BUFFER:
             self._pending += data
         else:
@@ -152,8 +183,30 @@ class SpoolFile:
             self._pending.clear()
         return n
 
+    def _seal_full_chunks(self) -> None:
+        assert self._sealer is not None and self._fd is not None
+        out = []
+        off = 0
+        with memoryview(self._pending) as view:
+            while len(view) - off >= CHUNK:
+                out.append(self._sealer.seal(view[off:off + CHUNK]))
+                off += CHUNK
+        del self._pending[:off]
+        _write_all(self._fd, out)
+
+    def _seal_final(self) -> None:
+        """Write the final (short) chunk: the envelope is complete from here on."""
+        if self._sealer is not None and not self._sealed and self._fd is not None:
+            if not self.over_limit:
+                _write_all(self._fd, [self._sealer.seal(self._pending, final=True)])
+            self._pending.clear()
+            self._sealed = True
+
     def flush(self) -> None:
-        """Hand buffered bytes to the OS (no fsync)."""
+        """Hand buffered bytes to the OS (no fsync); an envelope holds back its last,
+        partial chunk until finish()."""
+        if self._sealer is not None:
+            return
         if self._fd is not None and self._pending:
             _write_all(self._fd, [self._pending])
             self._pending.clear()
@@ -167,6 +220,7 @@ class SpoolFile:
         """Flush, fsync and fix the digest; the file stays open (and locked). Returns sha256."""
         if self._digest is None:
             self.flush()
+            self._seal_final()
             self._digest = self._hash.hexdigest()
         if not self.synced and self._fd is not None:
             _fsync(self._fd)
@@ -180,6 +234,7 @@ class SpoolFile:
         try:
             if self._digest is None:
                 self.flush()
+                self._seal_final()
                 self._digest = self._hash.hexdigest()
         finally:
             os.close(self._fd)
@@ -191,6 +246,18 @@ class SpoolFile:
             self.close()
         finally:
             Path(self.name).unlink(missing_ok=True)
+
+    def open_plaintext(self) -> IO[bytes]:
+        """A reader of everything written so far, as plaintext (for headers beyond
+        `head`). An envelope is finished (sealed, fsynced) first. Raises OSError."""
+        if self._sealer is None:
+            self.flush()
+            return open(self.name, "rb")
+        self.finish()
+        dek = self._dek
+        if dek is None:
+            raise ValueError("spool has no data key to read its envelope back")
+        return Opener(open(self.name, "rb"), lambda _v: dek)  # type: ignore[return-value]
 
     # -- results --------------------------------------------------------------------
     @property
@@ -234,10 +301,39 @@ class SpoolFile:
 class ObjectStore:
     """The object files under one root; thread-safe (no mutable state beyond a dir cache)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, keys: Keyring | Callable[[], Keyring] | None = None,
+                 encrypt: bool = False) -> None:
+        """`keys`: the keyring, or a function that loads it when an envelope is first met
+        (so a plaintext store never needs the key file). `encrypt`: new objects are
+        written as envelopes under the keyring's current version (needs `keys`)."""
         self.root = Path(root)
         self.tmp = self.root / TMP_DIR
         self._known_dirs: set[str] = set()
+        self._keys = keys
+        self.encrypt = encrypt
+        if encrypt and keys is None:
+            raise ValueError("encryption needs a keyring")
+
+    @classmethod
+    def for_config(cls, cfg: Any) -> ObjectStore:
+        """The object store of a node: with `[storage] encryption` the keyring is loaded
+        now (created when missing); otherwise only when an envelope is met.
+        Raises KeyProblem."""
+        if cfg.storage.encryption:
+            return cls(cfg.storage.root, keys=Keyring.open(cfg, create=True), encrypt=True)
+        return cls(cfg.storage.root, keys=lambda: Keyring.open(cfg))
+
+    @property
+    def keys(self) -> Keyring:
+        """The keyring (loading it on first use); raises KeyProblem."""
+        if self._keys is None:
+            raise KeyProblem("an encrypted object needs the storage key; none is configured")
+        if not isinstance(self._keys, Keyring):
+            self._keys = self._keys()
+        return self._keys
+
+    def dek(self, version: int) -> bytes:
+        return self.keys.dek(version)
 
     def ensure(self) -> None:
         """Create root and root/.tmp (0700) if missing."""
@@ -250,7 +346,12 @@ class ObjectStore:
             raise ValueError(f"not a SHA-256 hex digest: {sha256[:80]!r}")
         return self.root / sha256[0:2] / sha256[2:4] / (sha256 + SUFFIX)
 
-    def spool(self, *, limit: int | None = None) -> SpoolFile:
+    def spool(self, *, limit: int | None = None, encrypt: bool | None = None) -> SpoolFile:
+        """A new SpoolFile in root/.tmp; an envelope under the current key version when
+        this store encrypts (or `encrypt` says so)."""
+        if self.encrypt if encrypt is None else encrypt:
+            version, dek = self.keys.current()
+            return SpoolFile(self.tmp, limit=limit, sealer=Sealer(version, dek), dek=dek)
         return SpoolFile(self.tmp, limit=limit)
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -288,6 +389,17 @@ class ObjectStore:
             self._known_dirs.discard(str(dest.parent))
             self._ensure_dir(dest.parent)
             self._link_or_replace(spool.name, dest)
+        _sync_directory(dest.parent)
+        return dest
+
+    def replace_with(self, spool: SpoolFile) -> Path:
+        """Atomically put a finished spool in place of the object of the same digest
+        (rename over it; the directory fsynced): a reader sees the old file or the new,
+        never a mix. Used by rewrap and encrypt-existing. Raises OSError."""
+        sha = spool.finish()
+        dest = self.path_for(sha)
+        self._ensure_dir(dest.parent)
+        Path(spool.name).replace(dest)
         _sync_directory(dest.parent)
         return dest
 
@@ -339,11 +451,77 @@ class ObjectStore:
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
-    # -- verified reads ---------------------------------------------------------------
-    def open_verified(self, sha256: str) -> IO[bytes]:
-        """Open an object after recomputing its SHA-256 (streamed); the file is at offset 0.
+    # -- reading ------------------------------------------------------------------------
+    def open_plaintext(self, path: str | Path) -> IO[bytes]:
+        """Open a stored file as a stream of its plaintext (decrypting an envelope, which
+        raises EnvelopeError on a chunk that fails its tag). Not verified against the name.
+        Raises FileNotFoundError, KeyProblem (no key for an envelope), EnvelopeError."""
+        f = open(path, "rb")  # noqa: SIM115 - returned open to the caller
+        try:
+            if not is_envelope(f.read(len(MAGIC))):
+                f.seek(0)
+                return f
+            f.seek(0)
+            return Opener(f, self.dek)  # type: ignore[return-value]
+        except BaseException:
+            f.close()
+            raise
 
-        Raises IntegrityError when it is missing or its content does not match its name.
+    def hash_object(self, path: str | Path) -> str:
+        """SHA-256 of a stored file's plaintext (GCM tags checked on the way).
+        Raises FileNotFoundError, EnvelopeError, KeyProblem."""
+        with self.open_plaintext(path) as f:
+            return _hash_stream(f)
+
+    def key_version_of(self, sha256: str) -> int | None:
+        """The key version in an object's envelope header; None for a plaintext file.
+        Raises FileNotFoundError, EnvelopeError."""
+        from pacsd.store.envelope import read_header
+
+        with open(self.path_for(sha256), "rb") as f:
+            if not is_envelope(f.read(len(MAGIC))):
+                return None
+            f.seek(0)
+            return read_header(f).version
+
+    def _open_decrypted(self, sha256: str, p: Path, f: IO[bytes]) -> IO[bytes]:
+        """Decrypt an envelope into a private unnamed file (memfd for small objects, an
+        unlinked temp file under root/.tmp for large ones) while hashing; returns it at
+        offset 0, verified. Closes `f`. Raises IntegrityError."""
+        size = os.fstat(f.fileno()).st_size
+        if size <= _MEMFD_MAX and hasattr(os, "memfd_create"):
+            out = os.fdopen(os.memfd_create("pacsd-read", os.MFD_CLOEXEC), "w+b")
+        else:
+            out = tempfile.TemporaryFile(dir=self.tmp, prefix="read-")  # noqa: SIM115
+        try:
+            h = hashlib.sha256()
+            try:
+                with Opener(f, self.dek) as src:
+                    while chunk := src.read(READ_CHUNK):
+                        h.update(chunk)
+                        out.write(chunk)
+            except EnvelopeError as exc:
+                raise IntegrityError(f"{p}: {exc}", sha256=sha256, path=p,
+                                     actual="") from None
+            actual = h.hexdigest()
+            if actual != sha256:
+                raise IntegrityError(f"{p}: content decrypts to {actual}, not its name",
+                                     sha256=sha256, path=p, actual=actual)
+            out.flush()
+            out.seek(0)
+        except BaseException:
+            out.close()
+            raise
+        return out
+
+    def open_verified(self, sha256: str) -> IO[bytes]:
+        """Open an object's plaintext after recomputing its SHA-256 (streamed); at offset 0.
+
+        An encrypted object is decrypted (every GCM tag checked) into a private unnamed
+        file that holds the verified plaintext and vanishes when closed; its descriptor
+        is a plaintext file, so /proc/self/fd/N works as a path for a sender.
+        Raises IntegrityError when it is missing, fails a tag or does not match its name;
+        KeyProblem when its key version is not available.
         """
         p = self.path_for(sha256)
         try:
@@ -352,6 +530,10 @@ class ObjectStore:
             raise IntegrityError(f"{p}: object missing", sha256=sha256, path=p,
                                  actual=None) from None
         try:
+            if is_envelope(f.read(len(MAGIC))):
+                f.seek(0)
+                return self._open_decrypted(sha256, p, f)
+            f.seek(0)
             actual = _hash_stream(f)
             if actual != sha256:
                 raise IntegrityError(f"{p}: content hashes to {actual}, not its name",
@@ -363,9 +545,14 @@ class ObjectStore:
         return f
 
     def verified_path(self, sha256: str) -> Path:
-        """The object's path after its SHA-256 was checked; raises IntegrityError."""
-        with self.open_verified(sha256):
-            pass
+        """The object's path after its SHA-256 was checked; raises IntegrityError.
+
+        Plaintext objects only (the path of an envelope is ciphertext): raises ValueError
+        for an encrypted one; use open_verified (or retrieve.verified_source) instead.
+        """
+        with self.open_verified(sha256) as f:
+            if getattr(f, "name", None) != str(self.path_for(sha256)):
+                raise ValueError(f"object {sha256} is encrypted: use open_verified")
         return self.path_for(sha256)
 
     # -- housekeeping ---------------------------------------------------------------
@@ -392,7 +579,12 @@ class ObjectStore:
         for p in list(self.temp_leftovers()):
             try:
                 if p.stat().st_nlink > 1 and is_referenced is not None:
-                    sha = hash_file(p)
+                    try:
+                        sha = self.hash_object(p)
+                    except Exception:  # an envelope we cannot open: leave the object
+                        p.unlink()
+                        removed += 1
+                        continue
                     dest = self.path_for(sha)
                     if dest.exists() and dest.samefile(p) and not is_referenced(sha):
                         self.remove(sha)

@@ -1,7 +1,7 @@
 """`pacsd verify`: recompute the SHA-256 of every object and compare store and index.
 
 Problems:
-  corrupt  an object's content does not hash to its name
+  corrupt  an object's content does not hash to its name (or, encrypted, a GCM tag fails)
   missing  an instance row whose object file is gone
   orphan   a file under the root that no row references (also stray names and crash
            leftovers in root/.tmp that no live process holds)
@@ -22,9 +22,10 @@ from pathlib import Path
 
 from pacsd.config import Config
 from pacsd.errors import EXIT_OK, EXIT_PROBLEM
+from pacsd.store.envelope import EnvelopeError
 from pacsd.store.index import Instance, open_index_db
 from pacsd.store.ingest import Store
-from pacsd.store.objects import ObjectStore, hash_file
+from pacsd.store.objects import ObjectStore
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,13 @@ def verify_all(store: Store | ObjectStore,
                                                              "sha256"))
             continue
         try:
-            actual = hash_file(path)
+            actual = objects.hash_object(path)  # an envelope: every GCM tag checked too
         except FileNotFoundError:
             suspects.append(Problem("missing", str(path), sha, uid, "object file missing"))
+            continue
+        except EnvelopeError as exc:
+            report.checked += 1
+            suspects.append(Problem("corrupt", str(path), sha, uid, f"envelope: {exc}"))
             continue
         report.checked += 1
         with contextlib.suppress(FileNotFoundError):  # removed meanwhile by a replace
@@ -133,7 +138,7 @@ def _still_a_problem(objects: ObjectStore, p: Problem) -> bool:
 def run(cfg: Config, as_json: bool = False, on_problem: ProblemHook | None = None) -> int:
     """`pacsd verify [--json]`: one line per problem and a summary; 0 clean, 1 problems."""
     open_index_db(cfg, create=False)  # verifying a node that does not exist is an error
-    report = verify_all(ObjectStore(cfg.storage.root), on_problem)
+    report = verify_all(ObjectStore.for_config(cfg), on_problem)
     if as_json:
         json.dump(report.as_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

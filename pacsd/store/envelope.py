@@ -1,0 +1,247 @@
+"""Object envelopes: streamed, chunked AES-256-GCM (encryption at rest, issue 7).
+
+Every object gets its own random 256-bit object key, wrapped (AES-256-GCM) by the data
+key of the current key version (`pacsd.keys`). The plaintext is cut into chunks of
+CHUNK bytes; chunk i is sealed with nonce = nonce_base (8 random bytes) || i (4 bytes,
+big-endian) and associated data = one byte, 1 for the final chunk and 0 otherwise.
+The final chunk is always shorter than CHUNK (possibly empty), so a reader knows where
+the object ends: a truncated file lacks its final chunk, a reordered or repeated chunk
+has the wrong nonce, and a chunk moved from another object has the wrong key; each is
+a tag failure. Memory stays at one chunk whatever the object size.
+
+Layout (big-endian):
+
+    magic "PACSDENV" (8) | format 1 (1) | algorithm 1 = AES-256-GCM chunked (1) |
+    reserved 0 (2) | key version (4) | chunk size (4) | nonce base (8) |
+    wrapped key length (2) | wrapped object key: nonce (12) + key (32) + tag (16)
+    then chunks: ciphertext + tag (16)
+
+The wrapped object key carries the 30 header bytes before it as associated data, so
+the whole header is authenticated. A plaintext Part 10 file as pacsd writes it starts
+with a zero preamble, never with the magic, so the two are told apart by the first
+bytes (a store may hold both while `pacsd key encrypt-existing` runs).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import IO, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+MAGIC = b"PACSDENV"
+FORMAT = 1
+ALGORITHM = 1
+CHUNK = 256 * 1024
+TAG = 16
+_PREFIX = struct.Struct(">8sBBHII8sH")  # 30 bytes up to and including the wrapped length
+_WRAP_NONCE = 12
+_WRAPPED_LEN = _WRAP_NONCE + 32 + TAG
+HEADER_SIZE = _PREFIX.size + _WRAPPED_LEN
+_MAX_CHUNK = 64 * 1024 * 1024
+_FINAL = b"\x01"
+_MORE = b"\x00"
+
+DekLookup = Callable[[int], bytes]  # key version -> data key (raises when unknown)
+
+
+class EnvelopeError(ValueError):
+    """An envelope that is malformed, truncated, altered or under an unknown key."""
+
+
+def is_envelope(first_bytes: bytes) -> bool:
+    return first_bytes[: len(MAGIC)] == MAGIC
+
+
+def _nonce(base: bytes, counter: int) -> bytes:
+    return base + struct.pack(">I", counter)
+
+
+class Sealer:
+    """Encrypts one object incrementally: header(), then seal() for every chunk-sized
+    piece of plaintext, then final() for the remainder (shorter than CHUNK)."""
+
+    def __init__(self, version: int, dek: bytes, chunk: int = CHUNK) -> None:
+        self.version = version
+        self.chunk = chunk
+        obj_key = os.urandom(32)
+        self._base = os.urandom(8)
+        prefix = _PREFIX.pack(MAGIC, FORMAT, ALGORITHM, 0, version, chunk, self._base,
+                              _WRAPPED_LEN)
+        wrap_nonce = os.urandom(_WRAP_NONCE)
+        self._header = prefix + wrap_nonce + AESGCM(dek).encrypt(wrap_nonce, obj_key, prefix)
+        self._aead = AESGCM(obj_key)
+        self._counter = 0
+        self._done = False
+
+    def header(self) -> bytes:
+        return self._header
+
+    def seal(self, chunk: Any, final: bool = False) -> bytes:
+        """Ciphertext + tag of the next chunk (exactly `self.chunk` bytes unless final)."""
+        if self._done:
+            raise ValueError("envelope already finished")
+        n = memoryview(chunk).nbytes
+        if (final and n >= self.chunk) or (not final and n != self.chunk):
+            raise ValueError("chunk size violates the framing")
+        out = self._aead.encrypt(_nonce(self._base, self._counter), bytes(chunk),
+                                 _FINAL if final else _MORE)
+        self._counter += 1
+        self._done = final
+        return out
+
+
+def ciphertext_size(plain_size: int, chunk: int = CHUNK) -> int:
+    return HEADER_SIZE + plain_size + TAG * (plain_size // chunk + 1)
+
+
+class Header:
+    """A parsed envelope header."""
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) < HEADER_SIZE:
+            raise EnvelopeError("envelope header truncated")
+        magic, fmt, alg, _res, version, chunk, base, wlen = _PREFIX.unpack_from(raw)
+        if magic != MAGIC:
+            raise EnvelopeError("not an envelope (bad magic)")
+        if fmt != FORMAT or alg != ALGORITHM:
+            raise EnvelopeError(f"unsupported envelope format {fmt}/algorithm {alg}")
+        if wlen != _WRAPPED_LEN or not 0 < chunk <= _MAX_CHUNK:
+            raise EnvelopeError("envelope header malformed")
+        self.version: int = version
+        self.chunk: int = chunk
+        self.base: bytes = base
+        self._prefix = raw[: _PREFIX.size]
+        self._wrapped = raw[_PREFIX.size: HEADER_SIZE]
+
+    def object_key(self, dek: bytes) -> bytes:
+        w = self._wrapped
+        try:
+            return AESGCM(dek).decrypt(w[:_WRAP_NONCE], w[_WRAP_NONCE:], self._prefix)
+        except InvalidTag:
+            raise EnvelopeError("envelope header does not authenticate "
+                                f"(key version {self.version})") from None
+
+
+def read_header(f: IO[bytes]) -> Header:
+    return Header(_read_exact(f, HEADER_SIZE))
+
+
+def _read_exact(f: IO[bytes], n: int) -> bytes:
+    parts = []
+    while n:
+        b = f.read(n)
+        if not b:
+            break
+        parts.append(b)
+        n -= len(b)
+    return b"".join(parts)
+
+
+class Opener:
+    """A readable stream of the plaintext of an envelope; raises EnvelopeError on the
+    first chunk that does not authenticate, or at the end when the final chunk is
+    missing. Only what was authenticated is ever returned."""
+
+    plaintext_fd = False  # fileno() is the ciphertext: not usable as a plaintext path
+
+    def __init__(self, raw: IO[bytes], deks: DekLookup, header: Header | None = None) -> None:
+        self._raw = raw
+        self.header = header or read_header(raw)
+        try:
+            dek = deks(self.header.version)
+        except Exception as exc:
+            raise EnvelopeError(str(exc)) from None
+        self._aead = AESGCM(self.header.object_key(dek))
+        self._counter = 0
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self.size = 0  # plaintext bytes returned so far
+
+    @property
+    def version(self) -> int:
+        return self.header.version
+
+    def _next_chunk(self) -> bytes:
+        want = self.header.chunk + TAG
+        ct = _read_exact(self._raw, want)
+        final = len(ct) < want
+        if final and len(ct) < TAG:
+            raise EnvelopeError(f"envelope truncated (chunk {self._counter} missing)")
+        try:
+            pt = self._aead.decrypt(_nonce(self.header.base, self._counter), ct,
+                                    _FINAL if final else _MORE)
+        except InvalidTag:
+            raise EnvelopeError(f"chunk {self._counter} does not authenticate "
+                                "(altered, truncated or reordered)") from None
+        self._counter += 1
+        if final:
+            self._eof = True
+        return pt
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        want = n if n is not None and n >= 0 else -1
+        while want != 0:
+            if self._pos >= len(self._buf):
+                if self._eof:
+                    break
+                self._buf, self._pos = self._next_chunk(), 0
+                continue
+            take = len(self._buf) - self._pos if want < 0 else min(want, len(self._buf) - self._pos)
+            out.append(self._buf[self._pos:self._pos + take])
+            self._pos += take
+            if want > 0:
+                want -= take
+        data = b"".join(out)
+        self.size += len(data)
+        return data
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._raw.fileno()
+
+    def close(self) -> None:
+        self._raw.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._raw.closed)
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def encrypt_stream(src: IO[bytes], dst: IO[bytes], version: int, dek: bytes,
+                   chunk: int = CHUNK) -> int:
+    """Write the envelope of everything in `src` to `dst`; returns the plaintext size."""
+    s = Sealer(version, dek, chunk)
+    dst.write(s.header())
+    total = 0
+    buf = b""
+    while True:
+        data = src.read(chunk)
+        if not data:
+            break
+        buf += data
+        total += len(data)
+        while len(buf) >= chunk:
+            dst.write(s.seal(buf[:chunk]))
+            buf = buf[chunk:]
+    dst.write(s.seal(buf, final=True))
+    return total
