@@ -20,6 +20,7 @@ import contextlib
 import os
 import queue
 import select
+import socket
 import ssl
 import struct
 import time
@@ -169,6 +170,13 @@ def _assoc_run_reactor(self: Any) -> None:
             context_id, msg = msg_queue.get(timeout=ASSOC_IDLE_WAIT)
         except queue.Empty:
             context_id, msg = None, None
+        if msg and not self._reactor_checkpoint.is_set():
+            # a send_*() paused us while we waited (it saw _is_paused before we cleared
+            # it): the message is its response; hand it back (scp/qr.py C-MOVE)
+            with msg_queue.mutex:
+                msg_queue.queue.appendleft((context_id, msg))
+                msg_queue.not_empty.notify()
+            continue
         if msg:
             self._serve_request(msg, int(context_id))
         if self.is_established and self.acse.is_release_requested():
@@ -203,6 +211,19 @@ def _assoc_run_reactor(self: Any) -> None:
 # --------------------------------------------------------------------------- socket
 
 
+# Senders that leave Nagle's algorithm on (DCMTK and most modality stacks unless
+# TCP_NODELAY=1) hold their next small segment until we ACK the previous one; with the
+# kernel's delayed ACK that is ~40 ms per message. TCP_QUICKACK makes us ACK at once; the
+# kernel clears it again after a while, so it is re-armed after every read.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def _quickack(sock: Any) -> None:
+    if _QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+
 def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
     """Read exactly nr_bytes (fewer only when the peer closed) into one buffer."""
     buf = bytearray(nr_bytes)
@@ -211,6 +232,7 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
     sock = self.socket
     while got < nr_bytes:
         n = sock.recv_into(view[got:], nr_bytes - got)
+        _quickack(sock)
         if not n:
             del view
             return buf[:got]
