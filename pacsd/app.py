@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pacsd import tls
 from pacsd.config import Config
 from pacsd.errors import PacsdError
-from pacsd.scp import admission, handlers, tuning
+from pacsd.scp import admission, commitment, handlers, qr, tuning
 from pacsd.scp.server import AssociationSlots, NodeServer
 from pacsd.scp.state import Services, TLSHolder
 
@@ -74,24 +74,19 @@ def build_ae(cfg: Config) -> Any:
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, _ALL_TS)
-    _add_optional_services(ae)
+    _add_services(ae)
     return ae
 
 
-def _add_optional_services(ae: Any) -> None:
-    try:
-        from pacsd.scp import qr
-    except ImportError:
-        return
+def _add_services(ae: Any) -> None:
+    """Query/Retrieve and Storage Commitment contexts (with their role selections)."""
+    commitment.add_contexts(ae)
     qr.add_contexts(ae)
 
 
-def _optional_handlers(services: Services) -> list[Any]:
-    try:
-        from pacsd.scp import qr
-    except ImportError:
-        return []
-    return list(qr.event_handlers(services))
+def _service_handlers(services: Services) -> list[Any]:
+    handlers = list(commitment.event_handlers(services))  # starts its dispatcher thread
+    return handlers + list(qr.event_handlers(services))
 
 
 def event_handlers(services: Services) -> list[Any]:
@@ -104,7 +99,7 @@ def event_handlers(services: Services) -> list[Any]:
         (evt.EVT_ABORTED, handlers.handle_aborted, s),
         (evt.EVT_C_ECHO, handlers.handle_echo, s),
         (evt.EVT_C_STORE, handlers.handle_store, s),
-        *_optional_handlers(services),
+        *_service_handlers(services),
     ]
 
 
