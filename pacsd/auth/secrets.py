@@ -6,6 +6,11 @@ the ciphertext to its owner (a sealed secret copied to another user's row does n
 
 Sealed format: b"P1" | key id (4 bytes: SHA-256 of a domain string and the key, so a
 rotated key can tell which key sealed a blob) | nonce (12 random bytes) | ciphertext+tag.
+
+Since issue 7 the secrets are on the same key machinery as the object store
+(`pacsd.keys`): `box_for(cfg)` seals with the data key of the keyring's current version,
+b"P2" | key version (4 bytes, big-endian) | nonce (12) | ciphertext+tag, and still opens
+P1 blobs sealed directly under the key file; `pacsd key rewrap` re-seals old ones.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import struct
+import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -20,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pacsd.config import Config
 from pacsd.errors import EnvironmentProblem
+from pacsd.keys import KeyProblem, Keyring, read_key_file
 
 KEY_BYTES = 32
 _MAGIC = b"P1"
@@ -84,6 +92,70 @@ class SecretBox:
             raise SecretError("sealed secret does not authenticate (altered?)") from None
 
 
-def box_for(cfg: Config) -> SecretBox:
-    """The SecretBox of this node's storage key; raises EnvironmentProblem (see from_file)."""
-    return SecretBox.from_file(cfg.storage.key_file)
+_MAGIC_V2 = b"P2"
+_V2_AAD = b"pacsd secret\0"  # domain separation: the same data keys wrap object keys
+
+
+class KeyringBox:
+    """Seals under the keyring's current key version (P2); opens P2 of any version still
+    in the keyring and legacy P1 blobs sealed under the key file itself."""
+
+    def __init__(self, keyring: Keyring, legacy: SecretBox) -> None:
+        self.keyring = keyring
+        self.legacy = legacy
+
+    def seal(self, plaintext: bytes, *, aad: bytes) -> bytes:
+        version, dek = self.keyring.current()
+        nonce = os.urandom(_NONCE)
+        head = _MAGIC_V2 + struct.pack(">I", version)
+        return head + nonce + AESGCM(dek).encrypt(nonce, plaintext, _V2_AAD + aad)
+
+    def version_of(self, blob: bytes) -> int | None:
+        """The key version a P2 blob was sealed with; None for a legacy P1 blob."""
+        if blob[:2] == _MAGIC_V2 and len(blob) >= 6:
+            return int(struct.unpack(">I", blob[2:6])[0])
+        return None
+
+    def unseal(self, blob: bytes, *, aad: bytes) -> bytes:
+        """Raises SecretError when the blob is malformed, from another key, or altered."""
+        if blob[:2] != _MAGIC_V2:
+            return self.legacy.unseal(blob, aad=aad)
+        if len(blob) < 6 + _NONCE + 16:
+            raise SecretError("sealed secret is malformed")
+        version = self.version_of(blob)
+        assert version is not None
+        try:
+            dek = self.keyring.dek(version)
+        except KeyProblem:
+            raise SecretError(f"sealed secret uses key version {version}, which is not in "
+                              "the keyring") from None
+        try:
+            return AESGCM(dek).decrypt(blob[6:6 + _NONCE], blob[6 + _NONCE:], _V2_AAD + aad)
+        except InvalidTag:
+            raise SecretError("sealed secret does not authenticate (altered?)") from None
+
+
+_boxes: dict[tuple[str, str], tuple[tuple[int, int, int], KeyringBox]] = {}
+_boxes_lock = threading.Lock()
+
+
+def box_for(cfg: Config) -> KeyringBox:
+    """The secret box of this node's keys (the keyring is created when missing).
+
+    Raises EnvironmentProblem: key file missing, too open or malformed; keyring not
+    opened by this key file.
+    """
+    key_path = Path(cfg.storage.key_file)
+    try:
+        st = key_path.stat()
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    except OSError:
+        stamp = (0, 0, 0)
+    cache_key = (str(key_path), cfg.storage.keyring)
+    with _boxes_lock:
+        hit = _boxes.get(cache_key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        box = KeyringBox(Keyring.open(cfg, create=True), SecretBox(read_key_file(key_path)))
+        _boxes[cache_key] = (stamp, box)
+        return box

@@ -98,3 +98,25 @@ def test_wrap_is_bound_to_aad(tmp_path: Path) -> None:
         kek.unwrap(blob, b"b")
     with pytest.raises(KeyProblem):
         FileKEK(os.urandom(32)).unwrap(blob, b"a")
+
+
+def test_totp_secrets_use_key_versions(tmp_path: Path) -> None:
+    from pacsd.auth.secrets import KeyringBox, SecretBox, SecretError
+
+    key = key_file(tmp_path)
+    kek = FileKEK.from_file(key)
+    create_keyring(tmp_path / "keyring.json", kek)
+    ring = Keyring(tmp_path / "keyring.json", kek)
+    legacy = SecretBox.from_file(key)
+    box = KeyringBox(ring, legacy)
+    blob = box.seal(b"JBSWY3DPEHPK3PXP", aad=b"alice")
+    assert blob[:2] == b"P2" and box.version_of(blob) == 1
+    ring.rotate()
+    assert box.version_of(box.seal(b"x", aad=b"a")) == 2
+    assert box.unseal(blob, aad=b"alice") == b"JBSWY3DPEHPK3PXP"  # old version still opens
+    assert box.unseal(legacy.seal(b"old", aad=b"bob"), aad=b"bob") == b"old"  # P1 blobs too
+    with pytest.raises(SecretError):
+        box.unseal(blob, aad=b"bob")
+    ring.retire({2})
+    with pytest.raises(SecretError, match="version 1"):
+        box.unseal(blob, aad=b"alice")
