@@ -106,8 +106,10 @@ def event_handlers(services: Services) -> list[Any]:
 def build_services(cfg: Config) -> Services:
     """Open the databases and the store, load TLS; raises PacsdError on any problem."""
     from pacsd.auth.database import open_auth_db
+    from pacsd.keys import require
     from pacsd.store.ingest import Store
 
+    require(cfg)  # a wrong or missing storage key: one line, exit 2, nothing written
     open_auth_db(cfg)
     store = Store.open(cfg)
     holder = TLSHolder(tls.server_context(cfg))
@@ -126,7 +128,12 @@ def build_server(cfg: Config, listen_sock: socket.socket) -> tuple[NodeServer, S
 
 
 def check(cfg: Config) -> list[str]:
-    """Everything `check-config` reports: certificates, keys, databases, store root."""
+    """Everything `check-config` reports: certificates, keys, databases, store root.
+
+    Raises KeyProblem (exit 2) when encryption is on and the storage key is unusable."""
+    from pacsd.keys import require
+
+    require(cfg)
     problems = tls.check_files(cfg)
     try:
         from pacsd.auth.database import open_auth_db

@@ -355,3 +355,14 @@ def key_file_problem(cfg: Config) -> str | None:
     except KeyProblem as exc:
         return str(exc)
     return None
+
+
+def require(cfg: Config) -> None:
+    """With `[storage] encryption` on, fail early (before anything is written) when the
+    key file is missing, too open, malformed or not the one that wraps the keyring.
+    Raises KeyProblem with one line naming the file."""
+    if not cfg.storage.encryption:
+        return
+    problem = key_file_problem(cfg)
+    if problem is not None:
+        raise KeyProblem(f"storage.key_file: {problem}")
