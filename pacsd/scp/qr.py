@@ -20,7 +20,9 @@ corrected on their way out by a per-association filter on `dimse.send_msg`
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -382,6 +384,9 @@ def _on_destination_accepted(event: Any, r: _Retrieval, dest: aes.Peer) -> None:
 
     r.established = True
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:  # Nagle would hold each C-STORE's last PDU for a delayed ACK
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     seen = peer_fingerprint(sock) if sock is not None else None
     if seen != dest.cert_sha256:
         r.refused_destination = f"destination {dest.title} presented another certificate"
