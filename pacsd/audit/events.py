@@ -37,6 +37,9 @@ class Event(StrEnum):
     AUDIT_DROPPED = "audit.dropped"
     STORE_BACKUP = "store.backup"
     STORE_RESTORE = "store.restore"
+    KEY_CREATE = "key.create"  # encryption at rest (issue 7): keyring made
+    KEY_ROTATE = "key.rotate"  # a new key version for new objects
+    KEY_REWRAP = "key.rewrap"  # rewrap/encrypt-existing progress and completion
 
 
 class Outcome(IntEnum):
@@ -108,6 +111,9 @@ DICOM_EVENTS: dict[Event, DicomEvent] = {
     Event.AUDIT_DROPPED: DicomEvent(SECURITY_ALERT, AUDIT_RECORDING_STOPPED, "E"),
     Event.STORE_BACKUP: DicomEvent(EXPORT, None, "R"),
     Event.STORE_RESTORE: DicomEvent(IMPORT, None, "C"),
+    Event.KEY_CREATE: DicomEvent(SECURITY_ALERT, SECURITY_CONFIGURATION, "C"),
+    Event.KEY_ROTATE: DicomEvent(SECURITY_ALERT, SECURITY_CONFIGURATION, "U"),
+    Event.KEY_REWRAP: DicomEvent(SECURITY_ALERT, OBJECT_SECURITY_ATTRIBUTES_CHANGED, "U"),
 }
 
 # syslog severity (RFC 5424 §6.2.1) by outcome; alerts are always severity 1 (alert)
