@@ -13,6 +13,7 @@ private temp copy under the object root's `.tmp`, removed afterwards.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -63,15 +64,18 @@ def verified_source(store: _VerifiedReader, sha256: str,
 
 
 def _fileno(f: Any) -> int | None:
+    """The descriptor of a plain file opened for reading, else None.
+
+    Only a plain `open(path, "rb")` reads the stored bytes themselves; anything else (a
+    decrypting reader over an AES-GCM envelope, say) may wrap a descriptor whose bytes are
+    not the plaintext, so it goes through a private copy.
+    """
+    if not isinstance(f, io.BufferedReader) or not isinstance(f.raw, io.FileIO):
+        return None
     try:
-        fd = int(f.fileno())
-    except (AttributeError, OSError, ValueError):
+        return int(f.fileno())
+    except (OSError, ValueError):
         return None
-    # a decrypting reader may wrap a file: only a descriptor at offset 0 of the plaintext
-    # is usable as a path
-    if getattr(f, "plaintext_fd", True) is False:
-        return None
-    return fd
 
 
 @contextlib.contextmanager

@@ -83,3 +83,32 @@ def test_tally_counts() -> None:
     t.done(s[0], "success")
     t.done(s[1], "failure")
     assert (t.completed, t.failed, t.remaining, t.bytes, t.failed_uids) == (1, 1, 1, 10, ["1.1"])
+
+
+class _Envelope:
+    """A decrypting reader: has the envelope file's descriptor, reads plaintext."""
+
+    def __init__(self, envelope: Path, plaintext: bytes) -> None:
+        self._f = open(envelope, "rb")  # noqa: SIM115 - closed by close()
+        self._plain = io.BytesIO(plaintext)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def read(self, n: int = -1) -> bytes:
+        return self._plain.read(n)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def test_wrapped_descriptor_is_not_taken_for_the_plaintext(tmp_path: Path) -> None:
+    env = tmp_path / "envelope"
+    env.write_bytes(b"ciphertext")
+
+    class Store:
+        def open_verified(self, sha256: str) -> Any:
+            return _Envelope(env, b"plaintext")
+
+    with retrieve.verified_source(Store(), "0" * 64, tmp_path) as path:
+        assert Path(path).read_bytes() == b"plaintext"
