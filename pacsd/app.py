@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom.config
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, dimse_messages, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
@@ -26,10 +26,7 @@ from pacsd.scp.state import Services, TLSHolder
 log = logging.getLogger("pacsd.app")
 
 # Transfer syntaxes we accept as proposed; objects are stored as received, never transcoded.
-try:
-    from pynetdicom import ALL_TRANSFER_SYNTAXES as _ALL_TS
-except ImportError:  # pragma: no cover - older pynetdicom
-    from pynetdicom.presentation import ALL_TRANSFER_SYNTAXES as _ALL_TS
+_ALL_TS: list[str] = list(ALL_TRANSFER_SYNTAXES)
 
 
 def slots_path(cfg: Config) -> Path:
@@ -42,12 +39,12 @@ def _configure_pynetdicom(services: Services) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = True
     # C-MOVE/C-GET stream each verified object from its file, as stored (scp/qr.py).
     _config.STORE_SEND_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = lambda *a, **kw: services.store.spool()  # type: ignore[assignment]
+    dimse_messages.NamedTemporaryFile = lambda *a, **kw: services.store.spool()  # type: ignore[attr-defined,assignment]
     # File meta written by our packer (same bytes, ~2 µs) instead of pydicom (~0.9 ms).
     from pacsd.store import filemeta
 
-    dimse_messages.create_file_meta = filemeta.create_meta_uids  # type: ignore[assignment]
-    dimse_messages.write_file_meta_info = filemeta.write_meta_uids  # type: ignore[assignment]
+    dimse_messages.create_file_meta = filemeta.create_meta_uids  # type: ignore[attr-defined,assignment]
+    dimse_messages.write_file_meta_info = filemeta.write_meta_uids  # type: ignore[attr-defined,assignment]
     _config.LOG_HANDLER_LEVEL = "none"
     # Wait for work instead of sleep-polling; whole-PDU socket reads; hand-encoded
     # C-STORE-RSP (scp/tuning.py).
@@ -73,7 +70,7 @@ def build_ae(cfg: Config) -> Any:
     ae.require_calling_aet = []
     ae.add_supported_context(Verification)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, _ALL_TS)
+        ae.add_supported_context(str(cx.abstract_syntax), _ALL_TS)
     _add_services(ae)
     return ae
 

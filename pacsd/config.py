@@ -54,7 +54,7 @@ def boolean(value: Any, key: str) -> bool:
 def string(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise _type_error(key, "a string", value)
-    return value
+    return str(value)
 
 
 def choice(*options: str) -> Validator:
@@ -67,16 +67,16 @@ def choice(*options: str) -> Validator:
 
 
 def ae_title(value: Any, key: str) -> str:
-    value = string(value, key)
-    if not _AE_TITLE_RE.match(value) or not value.strip():
-        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters)")
-    return value.strip()
+    text = string(value, key)
+    if not _AE_TITLE_RE.match(text) or not text.strip():
+        raise ConfigError(f"{key}: {text!r} is not a valid AE title (1-16 printable characters)")
+    return text.strip()
 
 
 def host_port(value: Any, key: str) -> str:
-    value = string(value, key)
-    parse_host_port(value, key)
-    return value
+    text = string(value, key)
+    parse_host_port(text, key)
+    return text
 
 
 def parse_host_port(value: str, key: str = "address") -> tuple[str, int]:
@@ -92,10 +92,10 @@ def parse_host_port(value: str, key: str = "address") -> tuple[str, int]:
 
 
 def path(value: Any, key: str) -> str:
-    value = string(value, key)
-    if not value:
+    text = string(value, key)
+    if not text:
         raise ConfigError(f"{key}: must not be empty")
-    return value
+    return text
 
 
 def optional_path(value: Any, key: str) -> str:
@@ -103,13 +103,13 @@ def optional_path(value: Any, key: str) -> str:
 
 
 def syslog_url(value: Any, key: str) -> str:
-    value = string(value, key)
-    if not re.fullmatch(r"unix://.+|(udp|tcp|tls)://[^/]+:\d{1,5}", value):
+    text = string(value, key)
+    if not re.fullmatch(r"unix://.+|(udp|tcp|tls)://[^/]+:\d{1,5}", text):
         raise ConfigError(
-            f"{key}: {value!r} is not unix:///path, udp://host:port, tcp://host:port or "
+            f"{key}: {text!r} is not unix:///path, udp://host:port, tcp://host:port or "
             "tls://host:port"
         )
-    return value
+    return text
 
 
 def cidr_list(value: Any, key: str) -> tuple[str, ...]:
@@ -125,9 +125,10 @@ def cidr_list(value: Any, key: str) -> tuple[str, ...]:
 
 
 _FACILITIES = (
-    "kern user mail daemon auth syslog lpr news uucp cron authpriv ftp "
-    "local0 local1 local2 local3 local4 local5 local6 local7"
-).split()
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
+    "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4", "local5", "local6",
+    "local7",
+)
 
 
 def _f(default: Any, check: Validator, *, is_path: bool = False) -> Any:
@@ -295,15 +296,17 @@ def _build(cls: type[Any], table: Any, prefix: str, base: Path, fname: str) -> A
                     else checked
             kwargs[name] = checked
         else:  # a nested section
-            sub_type = f.default_factory  # type: ignore[misc]
+            sub_type: Any = f.default_factory
             kwargs[name] = _build(sub_type, value, key, base, fname)
     # paths left at their default still resolve against the config's directory
     for name, f in fields.items():
-        if name not in kwargs and f.metadata.get("path") and f.default:
-            kwargs[name] = str((base / f.default).resolve())
-        if name not in kwargs and "check" not in f.metadata:
-            kwargs[name] = _build(f.default_factory, {}, f"{prefix}.{name}".strip("."),  # type: ignore[misc]
-                                  base, fname)
+        if name in kwargs:
+            continue
+        if f.metadata.get("path") and f.default:
+            kwargs[name] = str((base / str(f.default)).resolve())
+        elif "check" not in f.metadata:
+            sub: Any = f.default_factory
+            kwargs[name] = _build(sub, {}, f"{prefix}.{name}".strip("."), base, fname)
     return cls(**kwargs)
 
 

@@ -12,10 +12,12 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import socket
 import socketserver
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,17 +77,18 @@ class NodeRequestHandler(RequestHandler):
         ip = str(self.client_address[0])
         raw: socket.socket = self.request
         ctx = services.tls_context()
-        raw.settimeout(services.cfg.node.acse_timeout)
         try:
             tls_sock = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
-            tls_sock.do_handshake()
+            _handshake(tls_sock, services.cfg.node.acse_timeout)
         except (ssl.SSLError, OSError) as exc:
             reason = _handshake_reason(exc)
             log.info("tls handshake failed from %s: %s", ip, reason)
             services.refuse(ip, gate="tls", reason=reason)
             _close(raw)
             return
-        tls_sock.settimeout(None)
+        # each blocking send/recv is bounded (pynetdicom's own server does the same); the
+        # receive path also bounds a whole PDU by it (tuning._socket_recv)
+        tls_sock.settimeout(services.cfg.node.network_timeout)
         self.request = tls_sock
         state = services.new_connection(ip, int(self.client_address[1]), tls_sock)
         try:
@@ -97,6 +100,29 @@ class NodeRequestHandler(RequestHandler):
         finally:
             services.connection_closed(state)
             _close(tls_sock)
+
+
+def _handshake(sock: ssl.SSLSocket, timeout: float) -> None:
+    """The TLS handshake with one deadline for all of it: a peer trickling its
+    ClientHello a byte at a time must not outlast `timeout` (a per-read timeout would
+    let it). poll(), not select(): descriptors may exceed FD_SETSIZE."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.0)
+    poller = select.poll()
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            mask = select.POLLIN
+        except ssl.SSLWantWriteError:
+            mask = select.POLLOUT
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("handshake timed out")
+        poller.register(sock, mask)
+        poller.poll(left * 1000)
+        poller.unregister(sock)
 
 
 def _handshake_reason(exc: BaseException) -> str:
@@ -128,7 +154,8 @@ class NodeServer(ThreadedAssociationServer):
                          None, handlers, request_handler=NodeRequestHandler)
 
     def server_bind(self) -> None:
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
         self.socket = self._listen_sock
         self.server_address = self.socket.getsockname()
 
@@ -136,6 +163,7 @@ class NodeServer(ThreadedAssociationServer):
         """The supervisor already called listen()."""
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
         sock, addr = self.socket.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock, addr

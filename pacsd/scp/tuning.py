@@ -224,13 +224,48 @@ def _quickack(sock: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
 
+# Largest PDU other than P-DATA-TF we read (an A-ASSOCIATE-RQ with 128 contexts and a
+# user identity fits easily); P-DATA-TF is held to our advertised maximum PDU length.
+MAX_CONTROL_PDU = 256 * 1024
+
+
+class PDUTooLarge(OSError):
+    """A peer announced a PDU longer than we accept; pynetdicom closes the connection."""
+
+
+def _check_pdu_length(self: Any, nr_bytes: int) -> None:
+    """Refuse to allocate a PDU body beyond the limits (issue 9: a 6-byte header
+    announcing 4 GiB made the worker allocate 4 GiB)."""
+    header, self._pacsd_header = getattr(self, "_pacsd_header", None), None
+    if header is None:
+        return
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if length != nr_bytes:
+        return
+    limit = MAX_CONTROL_PDU
+    if pdu_type == 0x04:
+        limit = int(getattr(getattr(self.assoc, "ae", None), "maximum_pdu_size", 0) or 0)
+    if limit and nr_bytes > limit:
+        raise PDUTooLarge(f"PDU type 0x{pdu_type:02X} of {nr_bytes} bytes exceeds {limit}")
+
+
 def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
-    """Read exactly nr_bytes (fewer only when the peer closed) into one buffer."""
+    """Read exactly nr_bytes (fewer only when the peer closed) into one buffer.
+
+    The whole PDU must arrive within network_timeout (the socket's own timeout bounds
+    each wait): a peer trickling a byte a second must not hold the association forever.
+    """
+    _check_pdu_length(self, nr_bytes)
+    timeout = getattr(self.assoc, "network_timeout", None)
+    deadline = None if timeout is None else time.monotonic() + timeout
     buf = bytearray(nr_bytes)
     view = memoryview(buf)
     got = 0
     sock = self.socket
     while got < nr_bytes:
+        if got and deadline is not None and time.monotonic() > deadline:
+            del view
+            raise TimeoutError(f"PDU not received within {timeout} s ({got}/{nr_bytes})")
         n = sock.recv_into(view[got:], nr_bytes - got)
         _quickack(sock)
         if not n:
@@ -238,6 +273,8 @@ def _socket_recv(self: Any, nr_bytes: int) -> bytearray:
             return buf[:got]
         got += n
     del view
+    if nr_bytes == 6:
+        self._pacsd_header = bytes(buf)
     return buf
 
 
@@ -292,7 +329,7 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
             str(primitive.ErrorComment or ""),
         )
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]
+        pdata.presentation_data_value_list = [(context_id, b"\x03" + cmd)]
         self.dul.send_pdu(pdata)
         return
     _original_send_msg(self, primitive, context_id)
