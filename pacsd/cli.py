@@ -118,6 +118,19 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return backup.run_restore(_load(args), Path(args.src))
 
 
+def _cmd_key(args: argparse.Namespace) -> int:
+    from pacsd import keycli
+
+    cfg = _load(args)
+    if args.key_command == "rotate":
+        return keycli.run_rotate(cfg)
+    if args.key_command == "rewrap":
+        return keycli.run_rewrap(cfg, rate_mb=args.rate, retire=args.retire)
+    if args.key_command == "encrypt-existing":
+        return keycli.run_encrypt_existing(cfg, rate_mb=args.rate)
+    return keycli.run_list(cfg)
+
+
 # --------------------------------------------------------------------------- audit
 
 
@@ -217,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dest")
     sp = cmd("restore", _cmd_restore, "restore a backup into the (empty) configured locations")
     sp.add_argument("src")
+
+    key = sub.add_parser("key", help="encryption keys at rest: versions, rotation, rewrap")
+    ksub = key.add_subparsers(dest="key_command", required=True)
+    cmd("list", _cmd_key, "key versions and the objects each encrypts", ksub)
+    cmd("rotate", _cmd_key, "a new key version for new objects and secrets", ksub)
+    sp = cmd("rewrap", _cmd_key, "re-encrypt objects of older key versions (resumable)", ksub)
+    sp.add_argument("--rate", type=float, default=50.0, metavar="MB/S",
+                    help="throughput cap so the node keeps serving (0 = none)")
+    sp.add_argument("--retire", action="store_true",
+                    help="then drop data keys that no object uses any more")
+    sp = cmd("encrypt-existing", _cmd_key, "encrypt plaintext objects in place (resumable)",
+             ksub)
+    sp.add_argument("--rate", type=float, default=50.0, metavar="MB/S",
+                    help="throughput cap so the node keeps serving (0 = none)")
 
     aud = sub.add_parser("audit", help="audit trail tools")
     ausub = aud.add_subparsers(dest="audit_command", required=True)
