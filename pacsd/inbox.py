@@ -54,11 +54,12 @@ def ignored_name(name: str) -> bool:
 
 
 def open_for_writing(path: Path) -> bool:
-    """True when a process we can inspect has `path` open for writing (Linux /proc)."""
-    try:
-        target = path.stat()
-    except OSError:
-        return False
+    """True when a process we can inspect has `path` open for writing (Linux /proc).
+
+    Compares fd link names (readlink never touches the target's file system, so a hung
+    mount elsewhere cannot stall the inbox), then the fd's access mode in fdinfo.
+    """
+    target = os.path.realpath(path)
     me = os.getpid()
     try:
         pids = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
@@ -67,14 +68,14 @@ def open_for_writing(path: Path) -> bool:
     for pid in pids:
         if int(pid) == me:
             continue
+        fd_dir = f"/proc/{pid}/fd"
         try:
-            fds = [p.name for p in Path(f"/proc/{pid}/fd").iterdir()]
+            fds = [e.name for e in os.scandir(fd_dir)]
         except OSError:  # gone, or not ours to inspect
             continue
         for fd in fds:
             try:
-                st = Path(f"/proc/{pid}/fd/{fd}").stat()
-                if (st.st_ino, st.st_dev) != (target.st_ino, target.st_dev):
+                if os.readlink(f"{fd_dir}/{fd}") != target:  # noqa: PTH115 - a str per fd
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii") as f:
                     flags = next((int(line.split()[1], 8) for line in f
