@@ -288,10 +288,11 @@ def test_cfind_specific_character_set(qr: QRNode, tmp_path: Path) -> None:
 class StoreSCP:
     """DCMTK storescp +tls, the C-MOVE destination, presenting DEST's certificate."""
 
-    def __init__(self, qr: QRNode, out: Path, port: int | None = None) -> None:
+    def __init__(self, qr: QRNode, out: Path, port: int | None = None,
+                 cert: Client | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
-        c = qr.dest
+        c = cert or qr.dest
         self.proc = subprocess.Popen(
             [dcmtk_path("storescp"), "+tls", str(c.key), str(c.cert), "+cf", str(qr.node.ca),
              "-aet", "DEST", "-od", str(out), "-uf", str(port or qr.dest_port)],
@@ -489,3 +490,23 @@ def test_cmove_destination_dies_midway(qr: QRNode) -> None:
         server.shutdown()
     rec = qr.node.audit.wait_for(lambda r: r.get("event") == "dicom.retrieve")
     assert rec and (rec[0]["completed"], rec[0]["failed"], rec[0]["outcome"]) == (1, 1, 4)
+
+
+def test_cmove_destination_with_another_certificate_gets_nothing(qr: QRNode,
+                                                                 tmp_path: Path) -> None:
+    """The destination's chain is valid, but it is not the certificate DEST registered."""
+    tls_dir = qr.node.dir / "tls"
+    imposter = Client("DEST", tls_dir / "server.pem", tls_dir / "server.key")
+    scp = StoreSCP(qr, tmp_path / "dest", cert=imposter)
+    a = qr.assoc()
+    try:
+        _, final = cmove(a, ident("STUDY", StudyInstanceUID="1.2.826.0.1.3680043.9.7.1"))
+        assert final.Status == 0xA702
+        assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (0, 2)
+    finally:
+        a.release()
+        scp.close()
+    assert scp.files() == []
+    rec = qr.node.audit.wait_for(lambda r: r.get("event") == "assoc.rejected"
+                                 and r.get("gate") == "move-dest")
+    assert rec and rec[0]["destination"] == "DEST"
