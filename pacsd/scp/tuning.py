@@ -329,7 +329,8 @@ def _send_msg(self: Any, primitive: Any, context_id: int) -> None:
             str(primitive.ErrorComment or ""),
         )
         pdata = P_DATA()
-        pdata.presentation_data_value_list = [(context_id, b"\x03" + cmd)]
+        # a list, not a tuple: pynetdicom 3.0.4 raises TypeError for tuples (every C-STORE-RSP)
+        pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]  # type: ignore[list-item]
         self.dul.send_pdu(pdata)
         return
     _original_send_msg(self, primitive, context_id)
