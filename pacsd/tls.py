@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -158,8 +159,8 @@ def _chains_to(cert_path: Path, ca_path: Path) -> bool:
     for ca in x509.load_pem_x509_certificates(ca_path.read_bytes()):
         try:
             cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, Exception):  # noqa: BLE001 - any failure means "not this CA"
-            continue
+        except (ValueError, TypeError, InvalidSignature):
+            continue  # not issued by this CA; try the next one in the file
         return True
     return False
 
@@ -176,7 +177,7 @@ def write_private(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    os.chmod(path, 0o600)
+    path.chmod(0o600)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

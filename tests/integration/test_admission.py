@@ -59,12 +59,11 @@ def test_tls_without_client_certificate_is_refused(node: Node) -> None:
     mod = node.add_client("MOD1")
     ctx = ssl.create_default_context(cafile=str(node.ca))
     ctx.check_hostname = False
-    with socket.create_connection(("127.0.0.1", node.port)) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            with ctx.wrap_socket(raw) as s:
-                s.sendall(b"\x01\x00")  # TLS 1.3: the refusal arrives on first read/write
-                if not s.recv(1):
-                    raise ConnectionError("closed")
+    with socket.create_connection(("127.0.0.1", node.port)) as raw, \
+            pytest.raises((ssl.SSLError, ConnectionError, OSError)), ctx.wrap_socket(raw) as s:
+        s.sendall(b"\x01\x00")  # TLS 1.3: the refusal arrives on the first read/write
+        if not s.recv(1):
+            raise ConnectionError("closed")
     assert rejected(node, "tls")
     assert echo_ok(node, mod)
 
@@ -126,9 +125,9 @@ def test_tls_1_1_client_is_refused(node: Node) -> None:
         ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     with contextlib.suppress(ssl.SSLError):
         ctx.set_ciphers("ALL:@SECLEVEL=0")
-    with socket.create_connection(("127.0.0.1", node.port)) as raw:
-        with pytest.raises((ssl.SSLError, OSError)):
-            ctx.wrap_socket(raw).close()
+    with socket.create_connection(("127.0.0.1", node.port)) as raw, \
+            pytest.raises((ssl.SSLError, OSError)):
+        ctx.wrap_socket(raw).close()
     assert rejected(node, "tls")
     assert echo_ok(node, mod)
 

@@ -141,7 +141,7 @@ def test_kill_9_mid_transfer_leaves_no_partial_object(node: Node, tmp_path: Path
     assert r.returncode == 0, r.stdout + r.stderr
     assert stored_files(node) == []
     assert _index(node, "SELECT count(*) FROM instance")[0][0] == 0
-    assert not [p for p in tmp_dir.glob("*")]
+    assert not list(tmp_dir.glob("*"))
     r2 = _storescu(node, mod, [big])
     assert r2.returncode == 0, r2.stderr  # type: ignore[attr-defined]
     assert len(stored_files(node)) == 1
@@ -156,7 +156,7 @@ def test_flipped_byte_is_found_by_verify(node: Node, tmp_path: Path) -> None:
     (stored,) = stored_files(node)
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    os.chmod(stored, 0o600)
+    stored.chmod(0o600)
     stored.write_bytes(bytes(data))
     r = node.cli("verify")
     assert r.returncode == 1
