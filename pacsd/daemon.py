@@ -155,7 +155,7 @@ class FileWatch:
         self._files = {os.path.realpath(f) for f in files} | set(files)
         watch = self
 
-        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 for p in (getattr(event, "src_path", ""), getattr(event, "dest_path", "")):
                     if p and os.fsdecode(p) in watch._files:
@@ -221,6 +221,10 @@ class Supervisor:
         self.retiring: list[Worker] = []
         self._signals: list[int] = []
         self._wake_r, self._wake_w = socket.socketpair()
+        # The signal handler writes here; it must never block (a full buffer while the
+        # loop is busy would otherwise hang the handler, and the process, for good).
+        self._wake_w.setblocking(False)
+        self._wake_r.setblocking(False)
         self._stopping = False
         self.sequencer: audit.Sequencer | None = None
         self._watch = FileWatch(self._file_changed)

@@ -161,7 +161,7 @@ class Inbox:
 
         wake = self._wake
 
-        class Handler(FileSystemEventHandler):  # type: ignore[misc]
+        class Handler(FileSystemEventHandler):
             def on_any_event(self, event: Any) -> None:
                 wake.set()
 

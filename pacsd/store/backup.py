@@ -369,7 +369,7 @@ def _has_rows(db: str) -> str | None:
     except sqlite3.Error as exc:
         raise EnvironmentProblem(f"{p}: cannot open: {exc}") from None
     try:
-        tables = [r[0] for r in con.execute(
+        tables = [str(r[0]) for r in con.execute(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
         for t in tables:
             if t == "schema_version":
