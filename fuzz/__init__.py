@@ -1,0 +1,1 @@
+"""Fuzz harness for pacsd (issue 9): PDU/DIMSE encoders, hypothesis strategies, targets."""
