@@ -6,6 +6,9 @@ A backup directory holds:
   objects/ab/cd/<sha256>.dcm   every object the index snapshot references: hard-linked when
                                DEST is on the same file system (objects are immutable and
                                content-addressed), else copied and fsynced
+  keyring.json                 `[storage] keyring` (wrapped data keys), when there is one;
+                               copied last, so it holds every key version the objects use
+                               (do not run `pacsd key rewrap --retire` during a backup)
   backup.json                  what was backed up: counts, bytes, time, node, format
   manifest.sha256              SHA-256 of every file above, in `sha256sum -c` format;
                                written last, so a backup without it is incomplete
@@ -57,12 +60,13 @@ MANIFEST = "manifest.sha256"
 INFO = "backup.json"
 INDEX = "index.sqlite"
 USERS = "users.sqlite"
+KEYRING = "keyring.json"
 OBJECTS = "objects"
 FORMAT = 1
 
 # the only names a manifest may hold: a tampered manifest cannot steer a write elsewhere
 _MANIFEST_LINE = re.compile(
-    r"^([0-9a-f]{64})  (index\.sqlite|users\.sqlite|backup\.json|"
+    r"^([0-9a-f]{64})  (index\.sqlite|users\.sqlite|backup\.json|keyring\.json|"
     r"objects/([0-9a-f]{2})/([0-9a-f]{2})/([0-9a-f]{64})\.dcm)$")
 
 
@@ -245,6 +249,9 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
         for d in sorted(made, reverse=True):
             _fsync_path(d, directory=True)
             _fsync_path(d.parent, directory=True)
+        keyring = Path(cfg.storage.keyring)
+        if keyring.is_file():
+            manifest[KEYRING] = _copy_hashing(keyring, dest / KEYRING)
         info = {
             "format": FORMAT,
             "pacsd": __version__,
@@ -383,13 +390,16 @@ def _has_rows(db: str) -> str | None:
     return None
 
 
-def _check_empty(cfg: Config, serving: bool = False) -> None:
+def _check_empty(cfg: Config, serving: bool = False, *, keyring: bool = True) -> None:
     """Refuse (AlreadyExists) unless the configured databases and object root hold no data."""
     from pacsd.audit import socket_live, socket_path_for
 
     if serving or socket_live(socket_path_for(cfg)):
         raise EnvironmentProblem(f"{cfg.source}: a node is serving with this configuration; "
                                  "stop it before restoring")
+    if keyring and Path(cfg.storage.keyring).exists():
+        raise AlreadyExists(f"storage.keyring: {cfg.storage.keyring} exists; restore brings "
+                            "the backed-up node's keyring (remove this one first)")
     for key, db in (("storage.index", cfg.storage.index), ("auth.database", cfg.auth.database)):
         table = _has_rows(db)
         if table is not None:
@@ -429,7 +439,10 @@ def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int,
         raise ProblemFound(f"{src}: the backup does not match its manifest; nothing restored: "
                            + "; ".join(damaged[:5])
                            + (f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""))
-    _check_empty(cfg, serving)
+    if KEYRING in manifest:
+        _check_empty(cfg, serving)
+    else:
+        _check_empty(cfg, serving, keyring=False)
     root = Path(cfg.storage.root)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     (root / ".tmp").mkdir(mode=0o700, exist_ok=True)
@@ -451,11 +464,14 @@ def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int,
         _fsync_path(d.parent, directory=True)
     _place_db(src / INDEX, Path(cfg.storage.index))
     _place_db(src / USERS, Path(cfg.auth.database))
+    if KEYRING in manifest:
+        _place_db(src / KEYRING, Path(cfg.storage.keyring))  # same careful copy
     # what is now in place, read back, must be what was backed up
     placed = {name: manifest[name] for name in objects}
     check = verify_against(root, {n[len(OBJECTS) + 1:]: d for n, d in placed.items()})
-    for name, target in ((INDEX, cfg.storage.index), (USERS, cfg.auth.database)):
-        if _sha256_file(Path(target)) != manifest[name]:
+    for name, target in ((INDEX, cfg.storage.index), (USERS, cfg.auth.database),
+                         (KEYRING, cfg.storage.keyring)):
+        if name in manifest and _sha256_file(Path(target)) != manifest[name]:
             check.append(f"altered: {target} differs from the backup's {name}")
     if check:
         raise ProblemFound("restored files do not verify: " + "; ".join(check[:5]))
