@@ -109,7 +109,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def _cmd_backup(args: argparse.Namespace) -> int:
     from pacsd.store import backup
 
-    return backup.run_backup(_load(args), Path(args.dest))
+    return backup.run_backup(_load(args), Path(args.dest), encrypt=args.encrypt)
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("paths", nargs="+", metavar="PATH")
     sp = cmd("backup", _cmd_backup, "consistent snapshot of databases and objects")
     sp.add_argument("dest")
+    sp.add_argument("--encrypt", action="store_true",
+                    help="write databases and objects as AES-256-GCM envelopes")
     sp = cmd("restore", _cmd_restore, "restore a backup into the (empty) configured locations")
     sp.add_argument("src")
 

@@ -26,6 +26,13 @@ what it wrote against the manifest again before it says done.
 
 The TLS keys and the storage key (tls/storage.key, which also wraps TOTP secrets) are
 not part of a backup: keep them with the configuration, apart from the data.
+
+`backup --encrypt` (issue 7) writes the two databases and every plaintext object as
+AES-256-GCM envelopes (`store.envelope`) under the current key version; objects that are
+already envelopes are taken as they are. The database snapshots are taken beside the live
+databases (never in plaintext on the backup's disk) and sealed from there. The manifest
+lists the bytes as written; `restore` checks them, then needs the storage key to open
+the databases, and says so in one line when it is missing or not the right one.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from pacsd.errors import (
     ProblemFound,
     UsageError,
 )
+from pacsd.store.envelope import EnvelopeError, is_envelope_file, open_file, seal_file
 from pacsd.store.objects import READ_CHUNK, is_sha256
 
 MANIFEST = "manifest.sha256"
@@ -201,7 +209,23 @@ def _count_instances(index_copy: Path) -> int:
         con.close()
 
 
-def backup(cfg: Config, dest: Path) -> BackupReport:
+def _mark_sealed(index_copy: Path, shas: list[str], version: int) -> None:
+    con = sqlite3.connect(index_copy)
+    try:
+        with con:
+            con.executemany("UPDATE instance SET key_version = ? WHERE sha256 = ?",
+                            [(version, sha) for sha in shas])
+    finally:
+        con.close()
+
+
+def _seal_key(cfg: Config) -> tuple[int, bytes]:
+    from pacsd.keys import Keyring
+
+    return Keyring.open(cfg, create=True).current()
+
+
+def backup(cfg: Config, dest: Path, *, encrypt: bool = False) -> BackupReport:
     """Write a complete backup of the node named by cfg into `dest` (new or empty).
 
     Raises AlreadyExists (dest not empty), EnvironmentProblem (a database or file
@@ -215,14 +239,21 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
     report = BackupReport()
     manifest: dict[str, str] = {}
     started = time.time()
+    seal = _seal_key(cfg) if encrypt else None
+    snap = dest
+    if seal is not None:  # plaintext snapshots stay beside the live databases
+        snap = Path(cfg.storage.index).parent / f".backup-{os.getpid()}-{int(started)}"
+        snap.mkdir(mode=0o700)
     try:
-        sqlite_snapshot(cfg.storage.index, dest / INDEX)
-        sqlite_snapshot(cfg.auth.database, dest / USERS)
-        for name in (INDEX, USERS):
-            manifest[name] = _sha256_file(dest / name)
-        report.instances = _count_instances(dest / INDEX)
+        sqlite_snapshot(cfg.storage.index, snap / INDEX)
+        sqlite_snapshot(cfg.auth.database, snap / USERS)
+        if seal is None:
+            for name in (INDEX, USERS):
+                manifest[name] = _sha256_file(dest / name)
+        report.instances = _count_instances(snap / INDEX)
+        sealed: list[str] = []
         made: set[Path] = set()
-        for sha, plaintext in _referenced(dest / INDEX):
+        for sha, plaintext in _referenced(snap / INDEX):
             if not is_sha256(sha):
                 report.problems.append(f"index row holds an invalid sha256 {sha[:80]!r}")
                 continue
@@ -233,13 +264,19 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
                 dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 made.add(dst.parent)
             try:
-                digest, linked = _take_object(src, dst)
+                if seal is not None and plaintext:
+                    digest, actual = seal_file(src, dst, *seal)
+                    linked = False
+                    sealed.append(sha)
+                else:
+                    digest, linked = _take_object(src, dst)
+                    actual = digest
             except FileNotFoundError:
                 report.problems.append(f"missing: {src} (referenced by the index)")
                 continue
-            if plaintext and digest != sha:
+            if plaintext and actual != sha:
                 dst.unlink()
-                report.problems.append(f"corrupt: {src} hashes to {digest}; left out")
+                report.problems.append(f"corrupt: {src} hashes to {actual}; left out")
                 continue
             manifest[rel] = digest
             report.files += 1
@@ -249,6 +286,10 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
         for d in sorted(made, reverse=True):
             _fsync_path(d, directory=True)
             _fsync_path(d.parent, directory=True)
+        if seal is not None:  # the snapshot's index says which objects are now envelopes
+            _mark_sealed(snap / INDEX, sealed, seal[0])
+            for name in (INDEX, USERS):
+                manifest[name] = seal_file(snap / name, dest / name, *seal)[0]
         keyring = Path(cfg.storage.keyring)
         if keyring.is_file():
             manifest[KEYRING] = _copy_hashing(keyring, dest / KEYRING)
@@ -263,6 +304,7 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
             "objects": report.files,
             "bytes": report.bytes,
             "storage_key_id": key_id(cfg),
+            "encrypted": seal is not None,
             "problems": report.problems,
         }
         (dest / INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -274,6 +316,12 @@ def backup(cfg: Config, dest: Path) -> BackupReport:
         with contextlib.suppress(OSError):
             (dest / MANIFEST).unlink(missing_ok=True)
         raise
+    finally:
+        if snap != dest:
+            for name in (INDEX, USERS):
+                (snap / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                snap.rmdir()
     return report
 
 
@@ -300,13 +348,13 @@ def _write_manifest(dest: Path, manifest: dict[str, str]) -> None:
     _fsync_path(dest, directory=True)
 
 
-def run_backup(cfg: Config, dest: Path) -> int:
+def run_backup(cfg: Config, dest: Path, *, encrypt: bool = False) -> int:
     """`pacsd backup DEST`: 0 when complete and clean, 1 when an object was missing or
     corrupt (the rest is backed up and listed). Raises AlreadyExists, EnvironmentProblem."""
     audit.start_standalone(cfg)
     old_umask = os.umask(0o077)  # a backup holds patient data: owner only
     try:
-        report = backup(cfg, dest)
+        report = backup(cfg, dest, encrypt=encrypt)
     except PacsdError as exc:
         audit.record(audit.Event("store.backup"), audit.Outcome.SERIOUS, dest=str(dest),
                      error=str(exc)[:500])
@@ -322,7 +370,7 @@ def run_backup(cfg: Config, dest: Path) -> int:
                  audit.Outcome.SUCCESS if not report.problems else audit.Outcome.SERIOUS,
                  dest=str(dest.resolve()), instances=report.instances, files=report.files,
                  bytes=report.bytes, linked=report.linked, copied=report.copied,
-                 problems=len(report.problems))
+                 problems=len(report.problems), encrypted=encrypt)
     return EXIT_OK if not report.problems else EXIT_PROBLEM
 
 
@@ -414,15 +462,40 @@ def _check_empty(cfg: Config, serving: bool = False, *, keyring: bool = True) ->
                                     "empty locations")
 
 
-def _place_db(src: Path, target: Path) -> None:
+def _place_db(src: Path, target: Path, deks: Any = None) -> str:
+    """Copy (or, from an encrypted backup, decrypt) a database into place; returns the
+    SHA-256 of what was placed."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore-tmp")
     tmp.unlink(missing_ok=True)
-    _copy_hashing(src, tmp)
+    if deks is not None and is_envelope_file(src):
+        try:
+            digest = open_file(src, tmp, deks)
+        except EnvelopeError as exc:
+            raise ProblemFound(f"{src}: {exc}") from None
+    else:
+        digest = _copy_hashing(src, tmp)
     for suffix in ("-wal", "-shm", "-journal"):  # stale companions of an empty database
         Path(str(target) + suffix).unlink(missing_ok=True)
     tmp.replace(target)
     _fsync_path(target.parent, directory=True)
+    return digest
+
+
+def _backup_keys(cfg: Config, src: Path, manifest: dict[str, str]) -> Any:
+    """The data keys of an encrypted backup (its keyring under our key file), or None
+    for a plaintext one. Raises KeyProblem in one line when the key cannot open it."""
+    if not any(is_envelope_file(src / n) for n in (INDEX, USERS)):
+        return None
+    from pacsd.keys import FileKEK, KeyProblem, Keyring
+
+    if KEYRING not in manifest:
+        raise KeyProblem(f"{src}: an encrypted backup without its {KEYRING}")
+    try:
+        return Keyring(src / KEYRING, FileKEK.from_file(cfg.storage.key_file)).dek
+    except KeyProblem as exc:
+        raise KeyProblem(f"{src} is an encrypted backup and the storage key cannot open it: "
+                         f"{exc}") from None
 
 
 def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int, int]:
@@ -439,6 +512,7 @@ def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int,
         raise ProblemFound(f"{src}: the backup does not match its manifest; nothing restored: "
                            + "; ".join(damaged[:5])
                            + (f" (and {len(damaged) - 5} more)" if len(damaged) > 5 else ""))
+    deks = _backup_keys(cfg, src, manifest)  # before anything is written
     if KEYRING in manifest:
         _check_empty(cfg, serving)
     else:
@@ -462,8 +536,8 @@ def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int,
     for d in sorted(made, reverse=True):
         _fsync_path(d, directory=True)
         _fsync_path(d.parent, directory=True)
-    _place_db(src / INDEX, Path(cfg.storage.index))
-    _place_db(src / USERS, Path(cfg.auth.database))
+    placed_dbs = {INDEX: _place_db(src / INDEX, Path(cfg.storage.index), deks),
+                  USERS: _place_db(src / USERS, Path(cfg.auth.database), deks)}
     if KEYRING in manifest:
         _place_db(src / KEYRING, Path(cfg.storage.keyring))  # same careful copy
     # what is now in place, read back, must be what was backed up
@@ -471,7 +545,9 @@ def restore(cfg: Config, src: Path, *, serving: bool = False) -> tuple[int, int,
     check = verify_against(root, {n[len(OBJECTS) + 1:]: d for n, d in placed.items()})
     for name, target in ((INDEX, cfg.storage.index), (USERS, cfg.auth.database),
                          (KEYRING, cfg.storage.keyring)):
-        if name in manifest and _sha256_file(Path(target)) != manifest[name]:
+        expected = placed_dbs.get(name, manifest.get(name)) if deks is not None else \
+            manifest.get(name)
+        if name in manifest and _sha256_file(Path(target)) != expected:
             check.append(f"altered: {target} differs from the backup's {name}")
     if check:
         raise ProblemFound("restored files do not verify: " + "; ".join(check[:5]))

@@ -24,9 +24,11 @@ bytes (a store may hold both while `pacsd key encrypt-existing` runs).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any
 
 from cryptography.exceptions import InvalidTag
@@ -245,3 +247,73 @@ def encrypt_stream(src: IO[bytes], dst: IO[bytes], version: int, dek: bytes,
             buf = buf[chunk:]
     dst.write(s.seal(buf, final=True))
     return total
+
+
+class _HashingWriter:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.hash = hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        view = memoryview(data)
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+        return len(data)
+
+
+class _HashingReader:
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+
+def _new_private(dst: Path) -> int:
+    return os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def seal_file(src: Path, dst: Path, version: int, dek: bytes) -> tuple[str, str]:
+    """Encrypt the file `src` into the new file `dst` (0600, fsynced); returns
+    (SHA-256 of the envelope written, SHA-256 of the plaintext read). Raises OSError."""
+    fd = _new_private(dst)
+    try:
+        out = _HashingWriter(fd)
+        with open(src, "rb") as f:
+            reader = _HashingReader(f)
+            encrypt_stream(reader, out, version, dek)  # type: ignore[arg-type]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        dst.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return out.hash.hexdigest(), reader.hash.hexdigest()
+
+
+def open_file(src: Path, dst: Path, deks: DekLookup) -> str:
+    """Decrypt the envelope `src` into the new file `dst` (0600, fsynced); returns the
+    SHA-256 of the plaintext. Raises EnvelopeError (nothing is left at dst), OSError."""
+    fd = _new_private(dst)
+    try:
+        out = _HashingWriter(fd)
+        with Opener(open(src, "rb"), deks) as f:
+            while chunk := f.read(CHUNK):
+                out.write(chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        dst.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    return out.hash.hexdigest()
+
+
+def is_envelope_file(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return is_envelope(f.read(len(MAGIC)))

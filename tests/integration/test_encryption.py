@@ -220,3 +220,36 @@ def test_kill_9_during_encrypt_existing_and_rewrap(node_factory: Any, tmp_path: 
     assert r.returncode == 0, r.stdout + r.stderr
     assert "objects 24" in node.cli("key", "list").stdout
     assert _verify_json(node)["ok"]
+
+
+def test_encrypted_backup_restore_with_and_without_key(node_factory: Any, tmp_path: Path) -> None:
+    node: Node = node_factory(start=False)  # a plaintext store: --encrypt seals everything
+    files = [make_dataset(tmp_path / "in" / f"{i}.dcm", patient_id=f"BK{i}",
+                          patient_name="BACKUP^PATIENT", pixel_bytes=70_000) for i in range(6)]
+    assert node.cli("import", *map(str, files[:3])).returncode == 0
+    node.set_config("storage", "encryption", True)
+    assert node.cli("import", *map(str, files[3:])).returncode == 0  # 3 plain + 3 envelopes
+    dest = tmp_path / "backup"
+    r = node.cli("backup", "--encrypt", str(dest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    for f in [dest / "index.sqlite", dest / "users.sqlite", *dest.rglob("*.dcm")]:
+        raw = f.read_bytes()
+        assert raw[:8] == b"PACSDENV", f
+        assert b"BACKUP^PATIENT" not in raw and b"SQLite format" not in raw, f
+    assert json.loads((dest / "backup.json").read_text())["encrypted"] is True
+    assert subprocess.run(["sha256sum", "-c", "--quiet", "manifest.sha256"], cwd=dest,
+                          capture_output=True).returncode == 0
+
+    other: Node = node_factory(start=False)  # a new node: its own (different) storage key
+    for p in (other.dir / "data" / "index.sqlite", other.dir / "data" / "users.sqlite"):
+        p.unlink(missing_ok=True)
+    r = other.cli("restore", str(dest))
+    _one_line_exit_2(r, "encrypted backup")
+    assert stored_files(other) == []  # nothing written
+    key = other.dir / "tls" / "storage.key"
+    key.write_bytes((node.dir / "tls" / "storage.key").read_bytes())
+    r = other.cli("restore", str(dest))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = other.cli("verify")
+    assert r.returncode == 0 and "verified 6 objects" in r.stdout, r.stdout + r.stderr
+    assert "objects 6" in other.cli("key", "list").stdout
