@@ -19,7 +19,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pacsd import tls
 from pacsd.config import Config
 from pacsd.errors import PacsdError
-from pacsd.scp import admission, commitment, handlers, qr, tuning
+from pacsd.scp import admission, commitment, handlers, limits, qr, tuning
 from pacsd.scp.server import AssociationSlots, NodeServer
 from pacsd.scp.state import Services, TLSHolder
 
@@ -49,6 +49,7 @@ def _configure_pynetdicom(services: Services) -> None:
     # Wait for work instead of sleep-polling; whole-PDU socket reads; hand-encoded
     # C-STORE-RSP (scp/tuning.py).
     tuning.apply()
+    limits.apply()  # caps on what one peer can make a worker hold
     # pydicom's per-element regex validation costs ~5 % of a small C-STORE; the store
     # validates every UID it relies on itself (store/ingest.py) and refuses bad ones.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -60,6 +61,7 @@ def _configure_pynetdicom(services: Services) -> None:
 def build_ae(cfg: Config) -> Any:
     ae = AE(ae_title=cfg.node.ae_title)
     ae.maximum_pdu_size = cfg.node.max_pdu_size
+    ae.pacsd_max_request = cfg.node.max_request_kb * 1024  # read by scp/limits.py
     ae.network_timeout = cfg.node.network_timeout
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout

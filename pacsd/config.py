@@ -146,6 +146,8 @@ class NodeConfig:
     dimse_timeout: int = _f(60, integer(1, 86_400))
     shutdown_grace: int = _f(30, integer(0, 3_600))
     max_pdu_size: int = _f(1_048_576, integer(16_384, 16_777_216))
+    max_contexts: int = _f(128, integer(1, 128))  # presentation contexts per A-ASSOCIATE-RQ
+    max_request_kb: int = _f(4096, integer(64, 1_048_576))  # DIMSE message held in memory
 
     @property
     def host(self) -> str:
@@ -225,6 +227,7 @@ class AuditConfig:
 @dataclass(frozen=True)
 class QueryConfig:
     max_results: int = _f(1000, integer(1, 10_000_000))
+    max_suboperations: int = _f(65535, integer(1, 65535))  # instances per C-MOVE/C-GET
     case_insensitive_names: bool = _f(False, boolean)
 
 

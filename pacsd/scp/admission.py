@@ -40,6 +40,11 @@ def handle_requested(event: Any, services: Services) -> None:
     state.called_ae = rq.called_ae_title.strip()
     cfg = services.cfg
 
+    proposed = len(rq.presentation_context_definition_list)
+    if proposed > cfg.node.max_contexts:
+        return _reject(services, assoc, state, RJ_NO_REASON, "max_contexts",
+                       f"{proposed} presentation contexts proposed "
+                       f"(node.max_contexts={cfg.node.max_contexts})")
     if state.called_ae != cfg.node.ae_title:
         return _reject(services, assoc, state, RJ_CALLED_AE, "called_ae",
                        f"called AE title {state.called_ae!r} is not ours")

@@ -295,10 +295,11 @@ class _Retrieval:
                      integrity_failures=t.integrity_failures, **more)
 
 
-def _select(event: Any, models: dict[str, str]) -> tuple[query.Query, list[Selected]]:
+def _select(event: Any, models: dict[str, str], limit: int = retrieve.MAX_SUBOPERATIONS,
+            ) -> tuple[query.Query, list[Selected]]:
     model = models.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     q = query.parse(_identifier(event), model)
-    return q, retrieve.select(q)
+    return q, retrieve.select(q, limit=limit)
 
 
 def _subops(r: _Retrieval, event: Any, selected: list[Selected]
@@ -330,7 +331,8 @@ def handle_get(event: Any, services: Services) -> Iterator[Any]:
         refusal = (status.REFUSED_NOT_AUTHORIZED, "C-GET not permitted")
     else:
         try:
-            q, selected = _select(event, GET_MODELS)
+            q, selected = _select(event, GET_MODELS,
+                                   services.cfg.query.max_suboperations)
             r.fields.update(q.summary())
         except QueryError as exc:
             refusal = (exc.status, exc.comment)
@@ -419,7 +421,8 @@ def handle_move(event: Any, services: Services) -> Iterator[Any]:
             refusal = (status.UNABLE_TO_PROCESS, "no client TLS context for C-MOVE")
         else:
             try:
-                q, selected = _select(event, MOVE_MODELS)
+                q, selected = _select(event, MOVE_MODELS,
+                                           services.cfg.query.max_suboperations)
                 r.fields.update(q.summary())
             except QueryError as exc:
                 refusal = (exc.status, exc.comment)

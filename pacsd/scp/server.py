@@ -97,9 +97,26 @@ class NodeRequestHandler(RequestHandler):
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
             assoc.start()
             assoc.join()
+            _flushed(assoc)
         finally:
             services.connection_closed(state)
             _close(tls_sock)
+
+
+def _flushed(assoc: Any, timeout: float = 2.0) -> None:
+    """Wait (bounded) until the DUL thread has sent what the association queued last.
+
+    On a rejection pynetdicom's association thread ends as soon as it has *queued* the
+    A-ASSOCIATE-RJ; closing then raced the DUL thread that sends it (issue 9: a raw
+    client saw the RJ in ~40 % of rejections, and three in thirty arrived in plaintext
+    inside the TLS stream, after SSLSocket.shutdown had dropped the TLS state).
+    The sending action runs before the state machine moves to Sta13 or Sta1.
+    """
+    dul = assoc.dul
+    deadline = time.monotonic() + timeout
+    while (dul.is_alive() and dul.state_machine.current_state not in ("Sta1", "Sta13")
+           and time.monotonic() < deadline):
+        time.sleep(0.002)
 
 
 def _handshake(sock: ssl.SSLSocket, timeout: float) -> None:
@@ -175,6 +192,14 @@ class NodeServer(ThreadedAssociationServer):
             self.services.refuse(ip, gate="source_blocked", reason="source address blocked")
             return False
         return True
+
+    def shutdown_request(self, request: Any) -> None:
+        """Not here: pynetdicom calls this from the association thread right after queueing
+        an A-ASSOCIATE-RJ, before the DUL thread sent it; NodeRequestHandler.handle closes
+        the connection once the association is over and the DUL has flushed. Plain
+        sockets (a source refused at accept, socketserver's own call) are closed here."""
+        if not isinstance(request, ssl.SSLSocket):
+            _close(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unhandled error on connection from %s", client_address)

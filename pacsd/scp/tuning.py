@@ -246,6 +246,10 @@ def _check_pdu_length(self: Any, nr_bytes: int) -> None:
     if pdu_type == 0x04:
         limit = int(getattr(getattr(self.assoc, "ae", None), "maximum_pdu_size", 0) or 0)
     if limit and nr_bytes > limit:
+        from pacsd.scp import limits
+
+        limits.refused(self.assoc, "pdu_size", f"PDU type 0x{pdu_type:02X} of {nr_bytes} "
+                       f"bytes exceeds {limit}")
         raise PDUTooLarge(f"PDU type 0x{pdu_type:02X} of {nr_bytes} bytes exceeds {limit}")
 
 
