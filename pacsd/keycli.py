@@ -98,10 +98,8 @@ def convert_one(store: Store, sha: str, target: int | None) -> tuple[str, int]:
         except FileNotFoundError:
             return "missing", 0
         with src:
-            buf = bytearray(READ_CHUNK)
-            view = memoryview(buf)
-            while n := src.readinto(view):
-                spool.write(view[:n])
+            while chunk := src.read(READ_CHUNK):
+                spool.write(chunk)
         if spool.finish() != sha:
             raise ValueError(f"{path}: content hashes to {spool.sha256}, not its name")
         objects.replace_with(spool)
@@ -220,9 +218,7 @@ def run_rotate(cfg: Config) -> int:
     (running workers notice within a second). Old objects stay readable."""
     audit.start_standalone(cfg)
     kek = FileKEK.from_file(cfg.storage.key_file)
-    if create_keyring(cfg.storage.keyring, kek):
-        audit.record(audit.Event.KEY_CREATE, audit.Outcome.SUCCESS, version=1,
-                     kek_id=kek.kek_id)
+    create_keyring(cfg.storage.keyring, kek)  # audited (key.create) when it makes one
     ring = Keyring(cfg.storage.keyring, kek)
     new = ring.rotate()
     audit.record(audit.Event.KEY_ROTATE, audit.Outcome.SUCCESS, version=new, kek_id=kek.kek_id)

@@ -339,6 +339,10 @@ def create_keyring(path: str | Path, kek: KeyEncryptionKey) -> bool:
         if p.exists():
             return False
         _write_ring(p, kek, [_new_version(kek, 1)], 1, exclusive=True)
+    from pacsd import audit  # here, not at the top: audit is a heavier import
+
+    audit.record(audit.Event.KEY_CREATE, audit.Outcome.SUCCESS, version=1, kek_id=kek.kek_id,
+                 keyring=str(p))
     return True
 
 

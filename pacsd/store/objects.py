@@ -27,7 +27,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 from pacsd.errors import ProblemFound
 from pacsd.keys import KeyProblem, Keyring
@@ -247,7 +247,7 @@ class SpoolFile:
         finally:
             Path(self.name).unlink(missing_ok=True)
 
-    def open_plaintext(self) -> IO[bytes]:
+    def open_plaintext(self) -> BinaryIO:
         """A reader of everything written so far, as plaintext (for headers beyond
         `head`). An envelope is finished (sealed, fsynced) first. Raises OSError."""
         if self._sealer is None:

@@ -209,6 +209,8 @@ def test_kill_9_during_encrypt_existing_and_rewrap(node_factory: Any, tmp_path: 
     assert r.returncode == 0, r.stdout + r.stderr
     assert _verify_json(node)["ok"]
     assert_all_encrypted(node, ["KILL^NINE"])
+    assert node.audit.wait_for(lambda r: r.get("event") == "key.create")
+    assert node.audit.wait_for(lambda r: r.get("phase") == "encrypt-existing.complete")
 
     assert node.cli("key", "rotate").returncode == 0
     _kill_midway(node, "key", "rewrap", "--rate", "0.5", version=2)
