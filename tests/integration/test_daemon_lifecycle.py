@@ -88,6 +88,16 @@ def test_notify_ready_watchdog_reloading_stopping_in_order(node_factory: Any,
     r = n.dcmtk("storescu", mod, files=[make_dataset(tmp_path / "a.dcm")])
     assert r.returncode == 0, r.stderr
 
+    # a held association shows in the live STATUS= figures (slots locked by the worker)
+    assoc = _associate(n, "MOD", n.ssl_context(mod))
+    try:
+        deadline = time.monotonic() + 20
+        while not any("STATUS=" in m and ": 1 association," in m for m in notify.messages):
+            assert time.monotonic() < deadline, notify.messages[-3:]
+            time.sleep(0.2)
+    finally:
+        assoc.release()
+
     n.proc.send_signal(signal.SIGHUP)
     notify.wait_for("RELOADING=1")
     second = notify.wait_for("READY=1", count=2)[1]

@@ -91,10 +91,21 @@ def test_inbox_ingests_refuses_and_waits_for_writers(node_factory: Any, tmp_path
     part.rename(inbox / "renamed.dcm")
     assert _wait(lambda: (done / "renamed.dcm").exists())
 
+    # after a reload (workers replaced one at a time) the new worker's inbox takes over
+    import signal
+
+    assert n.proc is not None
+    n.proc.send_signal(signal.SIGHUP)
+    assert n.audit.wait_for(lambda r: r["event"] == "config.reload" and r["outcome"] == 0,
+                            timeout=60)
+    after = make_dataset(staging / "after.dcm")
+    after.rename(inbox / "after.dcm")
+    assert _wait(lambda: (done / "after.dcm").exists(), timeout=40), list(inbox.rglob("*"))
+
     # the same file again is a duplicate: kept in done/ under a new name, still one row
     (inbox / "g0.dcm").write_bytes((done / "g0.dcm").read_bytes())
     assert _wait(lambda: len(list(done.glob("g0.dcm*"))) == 2)
-    assert len(_indexed(n)) == 5
+    assert len(_indexed(n)) == 6
     r = n.cli("verify")
     assert r.returncode == 0, r.stdout
 
