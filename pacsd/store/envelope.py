@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -185,6 +185,18 @@ class Opener:
             self._eof = True
         return pt
 
+    def chunks(self) -> Iterator[bytes]:
+        """The remaining plaintext, one authenticated chunk at a time (no extra copies)."""
+        if self._pos < len(self._buf):
+            rest = self._buf[self._pos:]
+            self._buf, self._pos = b"", 0
+            self.size += len(rest)
+            yield rest
+        while not self._eof:
+            pt = self._next_chunk()
+            self.size += len(pt)
+            yield pt
+
     def read(self, n: int = -1) -> bytes:
         out = []
         want = n if n is not None and n >= 0 else -1
@@ -303,7 +315,7 @@ def open_file(src: Path, dst: Path, deks: DekLookup) -> str:
     try:
         out = _HashingWriter(fd)
         with Opener(open(src, "rb"), deks) as f:
-            while chunk := f.read(CHUNK):
+            for chunk in f.chunks():
                 out.write(chunk)
         os.fsync(fd)
     except BaseException:

@@ -471,6 +471,11 @@ class ObjectStore:
         """SHA-256 of a stored file's plaintext (GCM tags checked on the way).
         Raises FileNotFoundError, EnvelopeError, KeyProblem."""
         with self.open_plaintext(path) as f:
+            if isinstance(f, Opener):
+                h = hashlib.sha256()
+                for chunk in f.chunks():
+                    h.update(chunk)
+                return h.hexdigest()
             return _hash_stream(f)
 
     def key_version_of(self, sha256: str) -> int | None:
@@ -497,7 +502,7 @@ class ObjectStore:
             h = hashlib.sha256()
             try:
                 with Opener(f, self.dek) as src:
-                    while chunk := src.read(READ_CHUNK):
+                    for chunk in src.chunks():
                         h.update(chunk)
                         out.write(chunk)
             except EnvelopeError as exc:
