@@ -41,3 +41,30 @@ def test_patched_pynetdicom_names_exist() -> None:
                  "to_provider_queue", "event_queue", "_idle_timer"):
         assert name in DULServiceProvider.__init__.__code__.co_names or hasattr(
             DULServiceProvider, name), name
+
+
+def test_fast_send_msg_produces_a_pdu_pynetdicom_encodes() -> None:
+    """The fast path hands the DUL a P-DATA that pynetdicom's own PDU encoder accepts."""
+    from pynetdicom.pdu import P_DATA_TF
+
+    sent: list[object] = []
+
+    class FakeDUL:
+        def send_pdu(self, primitive: object) -> None:
+            sent.append(primitive)
+
+    class FakeProvider:
+        dul = FakeDUL()
+
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 3
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = "1.2.3.4"
+    p.Status = 0x0000
+    tuning._send_msg(FakeProvider(), p, 5)
+    (pdata,) = sent
+    pdu = P_DATA_TF()
+    pdu.from_primitive(pdata)
+    raw = pdu.encode()
+    assert raw[0] == 0x04  # P-DATA-TF
+    assert raw.endswith(tuning.encode_store_rsp(p.AffectedSOPClassUID, 3, 0, "1.2.3.4"))
