@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+import struct
 import threading
 import time
 from pathlib import Path
@@ -323,8 +324,31 @@ def test_without_commit_permission_refused(node: Node, tmp_path: Path) -> None:
     assert not m.reports
 
 
+def _big_request(n: int) -> bytes:
+    """Action Information with n Referenced SOP Sequence items, Implicit VR LE."""
+    def el(group: int, elem: int, value: bytes) -> bytes:
+        value += b"\0" * (len(value) % 2)
+        return struct.pack("<HHI", group, elem, len(value)) + value
+
+    cls = el(0x0008, 0x1150, CTImageStorage.encode())
+    items = []
+    for k in range(n):
+        body = cls + el(0x0008, 0x1155, f"1.2.3.{k}".encode())
+        items.append(struct.pack("<HHI", 0xFFFE, 0xE000, len(body)) + body)
+    return (el(0x0008, 0x1195, generate_uid().encode())
+            + struct.pack("<HHI", 0x0008, 0x1199, 0xFFFFFFFF) + b"".join(items)
+            + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # the modality's pydicom warns on bad UIDs
 def test_malformed_n_actions_get_errors_and_node_keeps_serving(
-        modality: Modality) -> None:
+        modality: Modality, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynetdicom.association
+
+    big_bytes = _big_request(100_000)
+    encode = pynetdicom.association.encode
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda ds, *a, **kw: (
+        big_bytes if getattr(ds, "is_big", False) else encode(ds, *a, **kw)))
     good = (CTImageStorage, generate_uid())
     a = modality.associate()
     try:
@@ -343,13 +367,15 @@ def test_malformed_n_actions_get_errors_and_node_keeps_serving(
         assert modality.request(a, [(CTImageStorage, "")])[0] == 0x0115
         assert modality.request(a, [], txn=generate_uid())[0] == 0x0115
 
-        st, _ = a.send_n_action(Dataset(), 2, SC, SC_INSTANCE)  # no such action
+        st, _ = a.send_n_action(no_seq, 2, SC, SC_INSTANCE)  # no such action
         assert st.Status == 0x0123, st
-        st, _ = a.send_n_action(Dataset(), 1, SC, "1.2.3")  # not the well-known instance
+        st, _ = a.send_n_action(no_seq, 1, SC, "1.2.3")  # not the well-known instance
         assert st.Status == 0x0117, st
 
-        big = [(CTImageStorage, f"1.2.3.{k}") for k in range(100_000)]
-        assert modality.request(a, big)[0] == 0x0213
+        big = Dataset()  # 100,000 items, encoded by hand: pydicom takes ~a minute
+        big.is_big = True
+        st, _ = a.send_n_action(big, 1, SC, SC_INSTANCE)
+        assert st.Status == 0x0213, st
         assert a.send_c_echo().Status == 0  # this association still works
     finally:
         a.release()
