@@ -40,6 +40,7 @@ WORKER_READY_TIMEOUT = 60.0
 WATCHDOG_INTERVAL = 5.0  # pings when systemd did not say (WATCHDOG_USEC unset)
 STATUS_INTERVAL = 5.0  # seconds between STATUS= lines with live figures
 RELOAD_DEBOUNCE = 1.0  # quiet seconds after the last change to a watched file
+RETIRE_SIGNAL = signal.SIGUSR1  # supervisor -> old worker on reload: drain without deadline
 
 
 def sd_notify(message: str) -> None:
@@ -447,7 +448,9 @@ class Supervisor:
                 continue
             self.workers[i] = fresh
             with contextlib.suppress(ProcessLookupError):
-                old.proc.send_signal(signal.SIGTERM)  # drains: running associations finish
+                # retire: stop accepting; running associations finish, however long
+                # (idle ones end at network_timeout); a later SIGTERM bounds it by the grace
+                old.proc.send_signal(RETIRE_SIGNAL)
             self.retiring.append(old)
             replaced += 1
         self._watch.watch(watched_files(new))
@@ -509,14 +512,27 @@ def serve(cfg: Config) -> int:
 
 
 def run_worker(cfg: Config, fd: int, index: int) -> int:
-    """One worker: serve associations on the inherited socket until SIGTERM, then drain."""
+    """One worker: serve associations on the inherited socket until told to stop, then drain.
+
+    SIGTERM (node stopping): running associations get [node] shutdown_grace seconds, then
+    are aborted. RETIRE_SIGNAL (reload replaced this worker): they finish however long
+    they take (idle ones end at network_timeout), unless a SIGTERM follows.
+    """
     from pacsd import app
 
     audit.configure_logging()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; Ctrl-C reaches it
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    grace = float(cfg.node.shutdown_grace)
+    deadline = [float("inf")]  # drain deadline (monotonic); SIGTERM bounds it by the grace
+
+    def on_term(*_: object) -> None:
+        deadline[0] = min(deadline[0], time.monotonic() + grace)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(RETIRE_SIGNAL, lambda *_: stop.set())
     sock_path = os.environ.get("PACSD_AUDIT_SOCKET")
     if sock_path:
         audit.connect_worker(sock_path)
@@ -547,8 +563,14 @@ def run_worker(cfg: Config, fd: int, index: int) -> int:
             break
     if box is not None:
         box.stop()  # finishes the file in hand
+    if os.getppid() != parent:
+        on_term()
     server.stop_accepting()
-    aborted = server.drain(time.monotonic() + cfg.node.shutdown_grace)
+    while time.monotonic() < deadline[0]:
+        if not [a for a in server.active_associations if a.is_alive()]:
+            break
+        time.sleep(0.05)
+    aborted = server.drain(time.monotonic())  # abort whatever is still running
     if aborted:
         log.warning("worker %d aborted %d association(s) at the end of the grace period",
                     index, aborted)

@@ -159,7 +159,7 @@ def _replace(src: Path, dst: Path) -> None:
 
 def test_reload_new_certificates_while_an_old_association_completes(node_factory: Any,
                                                                     tmp_path: Path) -> None:
-    n: Node = node_factory()
+    n: Node = node_factory(**{"node.shutdown_grace": 1})  # a reload is not bounded by it
     old = n.add_client("OLD")
     old_ctx = n.ssl_context(old)
     old_server = _server_cert_sha256(n, old_ctx)
@@ -184,7 +184,8 @@ def test_reload_new_certificates_while_an_old_association_completes(node_factory
         recs = n.audit.wait_for(lambda r: r["event"] == "config.reload", timeout=40)
         assert recs and recs[0]["outcome"] == 0 and recs[0]["trigger"] == "file_change", recs
 
-        # the old association finishes its transfer on the old worker
+        # the old association finishes its transfer on the old worker, past shutdown_grace
+        time.sleep(2.5)
         sent = [make_dataset(tmp_path / f"after{i}.dcm") for i in range(5)]
         for p in sent:
             status = assoc.send_c_store(dcmread(p))
