@@ -24,7 +24,8 @@ def _uid(uid: str | bytes) -> bytes:
 
 def item(item_type: int, body: bytes, *, length: int | None = None) -> bytes:
     """A variable item: type, reserved, 2-byte length (overridable to lie), body."""
-    return struct.pack(">BBH", item_type, 0, len(body) if length is None else length) + body
+    n = len(body) if length is None else length
+    return struct.pack(">BBH", item_type, 0, n & 0xFFFF) + body
 
 
 def pdu(pdu_type: int, body: bytes, *, length: int | None = None) -> bytes:

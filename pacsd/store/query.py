@@ -193,6 +193,11 @@ def parse(identifier: Dataset, model: str) -> Query:
                 raise QueryError(IDENTIFIER_MISMATCH,
                                  f"{keyword or Tag(tag)} is below the {level} level", tag)
             vr = elem.VR if elem.VR not in ("UN", None) else _dict_vr(tag)
+            if (vr == "SQ") != (_dict_vr(tag) == "SQ") and keyword:
+                # e.g. PatientName sent as a sequence: the response element could not be
+                # built (TypeError -> C001 "server fault"); it is the peer's error (issue 9)
+                raise QueryError(IDENTIFIER_MISMATCH,
+                                 f"{keyword}: sent as {vr}, is {_dict_vr(tag)}", tag)
             value = "" if vr == "SQ" else _text(elem)
             if vr == "UI" and value.count("\\") >= MAX_UID_LIST:
                 raise QueryError(OUT_OF_RESOURCES,
