@@ -202,6 +202,16 @@ class Node:
 
     # ---- process
     def start(self, timeout: float = 60) -> None:
+        """Start `pacsd serve` and wait for its ready line (another port if ours was taken)."""
+        for _attempt in range(3):
+            if self._start_once(timeout):
+                return
+            # free_port() races with other processes: take another port and try again
+            self.port = free_port()
+            self.set_config("node", "listen", f"127.0.0.1:{self.port}")
+        raise RuntimeError(f"pacsd could not bind a free port:\n{self.log_text()}")
+
+    def _start_once(self, timeout: float) -> bool:
         assert self.proc is None or self.proc.poll() is not None
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self._log_offset = self.log_path.stat().st_size
@@ -212,8 +222,11 @@ class Node:
         while time.monotonic() < deadline:
             text = self.log_text()
             if "pacsd: serving" in text:
-                return
+                return True
             if self.proc.poll() is not None:
+                self._log.close()
+                if "cannot bind" in text:
+                    return False
                 raise RuntimeError(f"pacsd exited with {self.proc.returncode}:\n{text}")
             time.sleep(0.05)
         raise RuntimeError(f"pacsd did not become ready:\n{self.log_text()}")
