@@ -230,7 +230,7 @@ class _Retrieval:
         self.pending[sel.sop_instance_uid] = sel
         return ds
 
-    def wrap(self, assoc: Any) -> None:
+    def wrap(self, assoc: Any, *, sub_association: bool = False) -> None:
         """Route `assoc.send_c_store` of our placeholders through verify-then-stream."""
         original = assoc.send_c_store
 
@@ -240,7 +240,11 @@ class _Retrieval:
             sel = self.pending.pop(uid, None)
             if sel is None:
                 return original(dataset, *args, **kwargs)
-            return self._send(original, sel, *args, **kwargs)
+            try:
+                return self._send(original, sel, *args, **kwargs)
+            finally:
+                if sub_association:
+                    _note_abort(assoc)
 
         assoc.send_c_store = send_c_store
 
@@ -293,6 +297,19 @@ class _Retrieval:
                      completed=t.completed, warning=t.warning, failed=t.failed,
                      remaining=t.remaining, bytes=t.bytes,
                      integrity_failures=t.integrity_failures, **more)
+
+
+def _note_abort(assoc: Any) -> None:
+    """Mark a sub-association the destination aborted as no longer established at once.
+
+    Its own thread notices the A-ABORT a little later; meanwhile pynetdicom would treat it
+    as live and, after the last sub-operation, wait out the ACSE timeout for an
+    A-RELEASE-RP that can never come (the requester's C-MOVE hangs that long).
+    """
+    with contextlib.suppress(Exception):
+        if assoc.is_established and (assoc.is_aborted or assoc.acse.is_aborted()
+                                     or not assoc.dul.is_alive()):
+            assoc.is_established = False
 
 
 def _select(event: Any, models: dict[str, str], limit: int = retrieve.MAX_SUBOPERATIONS,
@@ -395,7 +412,7 @@ def _on_destination_accepted(event: Any, r: _Retrieval, dest: aes.Peer) -> None:
         audit.record(audit.Event("assoc.rejected"), audit.Outcome.SERIOUS, gate="move-dest",
                      reason=r.refused_destination, destination=dest.title,
                      **r.state.audit_context())
-    r.wrap(event.assoc)
+    r.wrap(event.assoc, sub_association=True)
 
 
 def handle_move(event: Any, services: Services) -> Iterator[Any]:
