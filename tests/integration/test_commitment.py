@@ -342,9 +342,13 @@ def _big_request(n: int) -> bytes:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the modality's pydicom warns on bad UIDs
 def test_malformed_n_actions_get_errors_and_node_keeps_serving(
-        modality: Modality, monkeypatch: pytest.MonkeyPatch) -> None:
+        node_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each refused with a status. (The 100,000-item request is 6 MB: with the default
+    [node] max_request_kb = 4096 the association would be aborted before it is decoded;
+    raised here so that the request reaches the commitment cap.)"""
     import pynetdicom.association
 
+    modality = Modality(node_factory(**{"node.max_request_kb": 16384}))
     big_bytes = _big_request(100_000)
     encode = pynetdicom.association.encode
     monkeypatch.setattr(pynetdicom.association, "encode", lambda ds, *a, **kw: (
