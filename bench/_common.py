@@ -280,9 +280,9 @@ def dataset(label: str, size: int, count: int, per_study: int = 100) -> DataSet:
     if manifest.exists():
         m = json.loads(manifest.read_text())
         if m.get("params") == want:
-            files = [d / name for name in m["files"]]
-            if all(f.exists() for f in files):
-                return DataSet(label, files, int(m["total_bytes"]))
+            cached = [d / name for name in m["files"]]
+            if all(f.exists() for f in cached):
+                return DataSet(label, cached, int(m["total_bytes"]))
     if d.exists():
         shutil.rmtree(d)
     d.mkdir(parents=True)
