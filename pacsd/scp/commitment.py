@@ -65,6 +65,10 @@ NO_SUCH_ACTION = 0x0123
 MAX_ITEM_BYTES = 256
 MAX_HEADER_BYTES = 8192
 MAX_DELIVERIES = 4  # concurrent deliveries per worker
+# Delivered and expired requests are kept this long (for 0131 duplicate Transaction UID
+# checks and for inspection), then deleted; looked at hourly.
+KEEP_FINISHED = 30 * 86_400.0
+PURGE_EVERY = 3_600.0
 POLL_MAX = 5.0  # seconds between looks at the shared table for due requests
 POLL_MIN = 0.5
 PAUSE_WAIT = 5.0  # seconds to wait for an association's reactor to pause
@@ -141,7 +145,7 @@ def _parse(event: Any, max_items: int) -> tuple[str, list[Item]]:
     decodes a whole sequence at once, ~30 s for 100,000 items on a busy machine.
     """
     raw = getattr(event.request, "ActionInformation", None)
-    size = raw.getbuffer().nbytes if hasattr(raw, "getbuffer") else 0
+    size = raw.getbuffer().nbytes if isinstance(raw, BytesIO) else 0
     if size > max_items * MAX_ITEM_BYTES + MAX_HEADER_BYTES:
         raise RequestError(store_commitment.RESOURCE_LIMITATION,
                            f"more than {max_items} referenced instances (commitment.max_items)")
@@ -260,8 +264,7 @@ def send_on_association(assoc: Any, ds: Dataset, event_type: int, msg_id: int,
                 continue
             if (isinstance(msg, N_EVENT_REPORT) and msg.is_valid_response
                     and msg.MessageIDBeingRespondedTo == msg_id):
-                code = int(msg.Status)
-                return _accepted(code)
+                return _accepted(int(msg.Status or 0))  # valid response: Status is set
             held.append((cx_id, msg))
     finally:
         if held:  # the peer's own requests: back to the reactor, in order
@@ -331,9 +334,13 @@ class Commitments:
 
     # -- dispatcher thread
     def _run(self) -> None:
+        next_purge = 0.0
         while not self._stop.is_set():
             wait = POLL_MAX
             try:
+                if time.time() >= next_purge:
+                    next_purge = time.time() + PURGE_EVERY
+                    store_commitment.purge_finished(self.db, time.time() - KEEP_FINISHED)
                 for pk in store_commitment.claim_due(self.db, owner=self.owner,
                                                      now=time.time(), lease=self.lease):
                     self._submit(pk)
@@ -385,7 +392,7 @@ class Commitments:
             self._audit_integrity(req, result)
         ds = event_information(req, result, self.services.cfg.node.ae_title)
         errors: list[str] = []
-        assoc = self._live.pop(pk, None)
+        assoc = self._live.get(pk)  # kept for retries while the modality holds it open
         if assoc is not None and self._same_allowed(req.calling_ae):
             ok, why = send_on_association(assoc, ds, result.event_type, _msg_id(pk),
                                           float(self.services.cfg.node.dimse_timeout))
@@ -422,7 +429,7 @@ class Commitments:
         role = build_role(SOP_CLASS, scu_role=False, scp_role=True)
         try:
             assoc = ae.associate(host, port, ae_title=peer.title, ext_neg=[role],
-                                 tls_args=(self.services.client_tls, None))
+                                 tls_args=(self.services.client_tls, None))  # type: ignore[arg-type]  # no server_hostname: peers are checked by fingerprint
         except Exception as exc:
             return False, f"cannot connect to {peer.dest}: {type(exc).__name__}", peer.dest
         if not assoc.is_established:
@@ -454,6 +461,7 @@ class Commitments:
     # -- outcomes
     def _delivered(self, req: Request, result: Result, **route: Any) -> bool:
         store_commitment.mark_delivered(self.db, req.pk)
+        self._live.pop(req.pk, None)
         reasons = Counter(f"{r:04X}" for _, r in result.failed)
         audit.record(audit.Event.DICOM_COMMIT,
                      audit.Outcome.SUCCESS if not result.failed else audit.Outcome.MINOR,
@@ -470,6 +478,8 @@ class Commitments:
             interval=self.cfg.retry_interval, max_interval=self.cfg.retry_max_interval)
         log.warning("commitment %d (%s): report not delivered (attempt %d): %s",
                     req.pk, req.calling_ae, attempts, why)
+        if expired:
+            self._live.pop(req.pk, None)
         audit.record(audit.Event.DICOM_COMMIT,
                      audit.Outcome.SERIOUS if expired else audit.Outcome.MINOR,
                      action="expired" if expired else "delivery_failed", request_id=req.pk,

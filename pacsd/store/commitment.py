@@ -280,7 +280,7 @@ def _now_iso() -> str:
 
 
 def _exec(db: peewee.SqliteDatabase, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-    return db.execute_sql(query, params)  # type: ignore[no-untyped-call,no-any-return]
+    return db.execute_sql(query, params)  # type: ignore[no-any-return]  # peewee is untyped
 
 
 def record(db: peewee.SqliteDatabase, *, transaction_uid: str, items: Sequence[Item],
@@ -398,3 +398,12 @@ def renew(db: peewee.SqliteDatabase, pk: int, owner: str, until: float) -> None:
     with db.atomic("IMMEDIATE"):
         _exec(db, "UPDATE commitment SET claim_until = ? WHERE pk = ? AND claimed_by = ?",
               (until, pk, owner))
+
+
+def purge_finished(db: peewee.SqliteDatabase, before: float) -> int:
+    """Delete delivered and failed requests finished before `before` (epoch); how many."""
+    cutoff = dt.datetime.fromtimestamp(before, dt.UTC).isoformat(timespec="microseconds")
+    with db.atomic("IMMEDIATE"):
+        cur = _exec(db, "DELETE FROM commitment WHERE state != ? AND finished < ?",
+                    (PENDING, cutoff))
+    return int(cur.rowcount or 0)

@@ -248,7 +248,7 @@ def _m2_commitment(db: peewee.SqliteDatabase) -> None:
         "CREATE INDEX commitment_transaction_idx ON commitment (transaction_uid)",
     ]
     for sql in statements:
-        db.execute_sql(sql)  # type: ignore[no-untyped-call]
+        db.execute_sql(sql)
 
 
 # Append only. Index i migrates schema version i -> i+1.

@@ -235,3 +235,14 @@ def test_owner_token_liveness() -> None:
     assert not c.owner_alive(f"{host}:{proc.pid}:{me.rsplit(':', 1)[1]}")
     assert not c.owner_alive(f"{host}:{os.getpid()}:1")  # a reused pid started at another time
     assert c.owner_alive("some-other-host:1:1")  # other hosts: only the lease bounds them
+
+
+def test_purge_finished_keeps_pending_and_recent(db: Any) -> None:
+    import time
+
+    old_pk, _ = _record(db, txn="1.7.1")
+    c.mark_delivered(db, old_pk)
+    pending_pk, _ = _record(db, txn="1.7.2")
+    assert c.purge_finished(db, time.time() - 3600) == 0  # finished just now: kept
+    assert c.purge_finished(db, time.time() + 1) == 1
+    assert c.load(db, old_pk) is None and c.load(db, pending_pk) is not None
