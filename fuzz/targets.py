@@ -122,21 +122,32 @@ def associate_rq(data: bytes, cfg: Any, stats: Stats) -> None:
 # ------------------------------------------------------------------------------ DIMSE
 
 class _FakeAssoc:
-    """Enough of an Association for DIMSEMessage.decode_msg (non-chunked path)."""
+    """Enough of an Association for DIMSEMessage.decode_msg (non-chunked path) with
+    pacsd's scp/limits.py installed: an AE carrying the limit, a DUL event queue."""
 
-    ae = None
-    _accepted_cx: dict[int, Any] = {}
+    class ae:
+        pacsd_max_request = 4096 * 1024
+
+    def __init__(self) -> None:
+        import queue
+
+        self.dul = type("Dul", (), {"event_queue": queue.Queue()})()
+        self._accepted_cx: dict[int, Any] = {}
 
 
 def dimse(command_set: bytes, dataset: bytes | None, stats: Stats) -> None:
     """Target: a command set (and dataset) through pynetdicom's DIMSE decoding, as
-    `DIMSEServiceProvider.receive_primitive` runs it. It catches exceptions from
-    `message_to_primitive` (Evt19: abort); one from `decode_msg` is reported, since it
-    escapes into the state machine (pacsd's scp/limits.py turns it into an abort)."""
+    `DIMSEServiceProvider.receive_primitive` runs it, with pacsd's scp/limits.py
+    installed. pynetdicom catches exceptions from `message_to_primitive` (Evt19: abort);
+    one escaping `decode_msg` runs into the state machine and kills the DUL thread, so it
+    is a finding (limits.py turns it into an audited abort)."""
     from pynetdicom import _config  # noqa: TID251 - the harness drives pynetdicom's decoder
     from pynetdicom.dimse_messages import DIMSEMessage  # noqa: TID251
     from pynetdicom.pdu_primitives import P_DATA  # noqa: TID251
 
+    from pacsd.scp import limits
+
+    limits.apply()
     stats.executions += 1
     msg = DIMSEMessage()
     p = P_DATA()
@@ -148,11 +159,11 @@ def dimse(command_set: bytes, dataset: bytes | None, stats: Stats) -> None:
     _config.STORE_RECV_CHUNKED_DATASET = False
     try:
         with timed("DIMSE decode"):
+            assoc = _FakeAssoc()
             try:
-                done = msg.decode_msg(p, _FakeAssoc())
-            except Exception:
-                stats.rejected += 1
-                return
+                done = msg.decode_msg(p, assoc)
+            except Exception as exc:
+                raise Finding(f"decode_msg raised {type(exc).__name__}: {exc}") from exc
             if not done:
                 stats.rejected += 1
                 return

@@ -38,19 +38,35 @@ def _held(msg: Any) -> int:
 
 
 def _decode_msg(self: Any, primitive: Any, assoc: Any = None) -> bool:
-    done = bool(_original_decode_msg(self, primitive, assoc))
+    try:
+        done = bool(_original_decode_msg(self, primitive, assoc))
+    except Exception as exc:
+        # a command set without CommandField, a dataset type that is not US, ...: raised
+        # inside the state machine's action, this killed the DUL thread (a bare close, a
+        # traceback, no audit; found by fuzzing). Abort as for an invalid PDU instead.
+        return _abort(self, assoc, "dimse", f"malformed DIMSE message: "
+                      f"{type(exc).__name__}: {str(exc)[:120]}")
     limit = getattr(getattr(assoc, "ae", None), "pacsd_max_request", None)
     if not limit or _held(self) <= limit:
         return done
-    held = _held(self)
-    # drop what we hold, then let the state machine abort as for an invalid PDU (AA-8);
-    # later P-DATA is ignored in Sta13
-    self.encoded_command_set = BytesIO()
-    self.data_set = BytesIO()
-    reason = f"DIMSE message of more than {held} bytes exceeds node.max_request_kb"
+    return _abort(self, assoc, "max_request", f"DIMSE message of more than {_held(self)} "
+                  "bytes exceeds node.max_request_kb")
+
+
+def _abort(msg: Any, assoc: Any, gate: str, reason: str) -> bool:
+    """Drop what the message holds, audit, and let the state machine abort as for an
+    invalid PDU (Evt19 -> AA-8: A-ABORT to the peer); later P-DATA is ignored in Sta13."""
+    msg.encoded_command_set = BytesIO()
+    msg.data_set = BytesIO()
+    spool = getattr(msg, "_data_set_file", None)
+    if spool is not None and hasattr(spool, "abort"):
+        spool.abort()
+    msg._data_set_file = None
     log.warning("aborting association: %s", reason)
-    refused(assoc, "max_request", reason)
-    assoc.dul.event_queue.put("Evt19")
+    refused(assoc, gate, reason)
+    dul = getattr(assoc, "dul", None)
+    if dul is not None:
+        dul.event_queue.put("Evt19")
     return False
 
 

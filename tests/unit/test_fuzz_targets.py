@@ -4,6 +4,7 @@ Findings the long runs made are pinned below as explicit regression cases."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -115,3 +116,26 @@ def test_finding_sequence_where_a_name_is_expected_is_refused(env: dict[str, Any
     s = targets.Stats()
     targets.find_identifier(data, False, query.STUDY_ROOT, s)
     assert s.rejected == 1
+
+
+def test_finding_malformed_command_set_aborts_instead_of_killing_the_dul() -> None:
+    """Found by the wire fuzzer: a command set without CommandField (or with a
+    CommandDataSetType that is not US) raised AttributeError inside pynetdicom's
+    decode_msg, in the state machine's action: the DUL thread died with a traceback and
+    the peer saw a bare close, unaudited. scp/limits.py now queues an abort (Evt19)."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from pacsd.scp import limits
+
+    limits.apply()
+    no_field = struct.pack("<HHI", 0, 0x0002, 2) + b"1\0"
+    for cmd in (no_field, pdu.command(0x0030, 1, sop_class=pdu.VERIFICATION)[:-10]):
+        p = P_DATA()
+        p.presentation_data_value_list = [[1, b"\x03" + cmd]]  # type: ignore[list-item]
+        assoc = targets._FakeAssoc()
+        assert DIMSEMessage().decode_msg(p, assoc) is False
+        assert assoc.dul.event_queue.get_nowait() == "Evt19"
+    s = targets.Stats()
+    targets.dimse(no_field, None, s)
+    assert s.rejected == 1 and not s.findings
