@@ -27,6 +27,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
@@ -55,6 +56,7 @@ GET_MODELS = {
     "1.2.840.10008.5.1.4.1.2.2.3": STUDY_ROOT,
 }
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
+_UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 _STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 
 
@@ -256,7 +258,15 @@ class _Retrieval:
         try:
             with retrieve.verified_source(self.services.store, sel.sha256,
                                           self.tmp_dir) as path:
-                rsp = original(path, *args, **kwargs)
+                try:
+                    rsp = original(path, *args, **kwargs)
+                except ValueError as exc:
+                    # a C-GET requestor that accepted another uncompressed transfer
+                    # syntax: convert this one (decoded in memory, from the verified file)
+                    if "No presentation context" not in str(exc) \
+                            or sel.transfer_syntax not in _UNCOMPRESSED:
+                        raise
+                    rsp = original(dcmread(path), *args, **kwargs)
         except IntegrityError as exc:
             self.tally.done(sel, "failure")
             self.tally.integrity_failures += 1

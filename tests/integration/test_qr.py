@@ -384,8 +384,8 @@ def test_cmove_refusals_and_dead_destination(qr: QRNode, tmp_path: Path) -> None
 
 
 # ---------------------------------------------------------------- C-GET
-def cget(qr: QRNode, ds: Dataset) -> tuple[list[Dataset], Dataset, Dataset | None,
-                                          list[Dataset]]:
+def cget(qr: QRNode, ds: Dataset, ts: str = "1.2.840.10008.1.2.1"
+         ) -> tuple[list[Dataset], Dataset, Dataset | None, list[Dataset]]:
     received: list[Dataset] = []
 
     def on_store(event: Any) -> int:
@@ -399,7 +399,7 @@ def cget(qr: QRNode, ds: Dataset) -> tuple[list[Dataset], Dataset, Dataset | Non
     ae = AE(ae_title="WS")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     for cx in (CTImageStorage, MRImageStorage):
-        ae.add_requested_context(cx, "1.2.840.10008.1.2.1")
+        ae.add_requested_context(cx, ts)
     roles = [build_role(CTImageStorage, scp_role=True), build_role(MRImageStorage, scp_role=True)]
     a = ae.associate("127.0.0.1", qr.node.port, ae_title=qr.node.ae_title,
                      tls_args=(qr.node.ssl_context(qr.ws), None), ext_neg=roles,
@@ -510,3 +510,16 @@ def test_cmove_destination_with_another_certificate_gets_nothing(qr: QRNode,
     rec = qr.node.audit.wait_for(lambda r: r.get("event") == "assoc.rejected"
                                  and r.get("gate") == "move-dest")
     assert rec and rec[0]["destination"] == "DEST"
+
+
+def test_cget_converts_to_an_accepted_uncompressed_syntax(qr: QRNode) -> None:
+    """Stored explicit VR LE; the requestor accepted only implicit VR LE for its C-STOREs."""
+    _, final, _, received = cget(qr, ident("STUDY",
+                                           StudyInstanceUID="1.2.826.0.1.3680043.9.7.1"),
+                                 ts="1.2.840.10008.1.2")
+    assert final.Status == 0 and final.NumberOfCompletedSuboperations == 2
+    sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in qr.files[:2]}
+    for r in received:
+        assert r.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2"
+        ref = sent[r.SOPInstanceUID]
+        assert r.PixelData == ref.PixelData and r.PatientName == ref.PatientName
