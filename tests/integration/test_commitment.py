@@ -391,3 +391,30 @@ def test_malformed_n_actions_get_errors_and_node_keeps_serving(
     assert not modality.reports
     rec = _commit_records(modality.node, "request")
     assert len(rec) >= 7 and all(r["outcome"] == 4 for r in rec)
+
+
+def test_two_workers_deliver_each_report_once(node_factory: Any, tmp_path: Path) -> None:
+    """Several worker processes share the request table: every report goes out once."""
+    node = node_factory(**{"node.workers": 2, "commitment.report_on": "new", **FAST_RETRY})
+    m = Modality(node)
+    try:
+        files = _files(tmp_path / "src", 2)
+        m.store(files)
+        m.listen()
+        txns = set()
+        for _ in range(4):
+            a = m.associate()
+            try:
+                code, txn = m.request(a, _refs(files))
+                assert code == 0
+                txns.add(txn)
+            finally:
+                a.release()
+        deadline = time.monotonic() + 30
+        while len(m.reports) < 4 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2 * FAST_RETRY["commitment.retry_max_interval"])  # any duplicate shows
+        got = [str(info.TransactionUID) for _, info, _ in m.reports]
+        assert sorted(got) == sorted(txns)
+    finally:
+        m.close()
