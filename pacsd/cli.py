@@ -68,7 +68,8 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_cert_issue(args: argparse.Namespace) -> int:
     from pacsd import setup
 
-    cert, key = setup.issue_client_cert(_load(args), args.name, Path(args.out), args.days)
+    cert, key = setup.issue_client_cert(_load(args), args.name, Path(args.out), args.days,
+                                        server=args.server, hosts=tuple(args.san))
     print(f"wrote {cert} and {key}")
     return EXIT_OK
 
@@ -185,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.add_argument("--out", default=".")
     sp.add_argument("--days", type=int, default=365)
+    sp.add_argument("--server", action="store_true",
+                    help="also serverAuth, for a peer that receives associations from pacsd "
+                         "(C-MOVE destination, storage commitment reports)")
+    sp.add_argument("--san", action="append", default=[], metavar="NAME",
+                    help="subject alternative name (host name or IP) for --server; repeatable")
 
     ae = sub.add_parser("ae", help="manage peer AE titles bound to certificates")
     asub = ae.add_subparsers(dest="ae_command", required=True)

@@ -64,8 +64,13 @@ def _create_databases(cfg: configmod.Config) -> None:
     Store.open(cfg).close()
 
 
-def issue_client_cert(cfg: configmod.Config, name: str, out: Path, days: int) -> tuple[Path, Path]:
-    """Issue OUT/NAME.pem and OUT/NAME.key (0600) from the development CA next to client_ca."""
+def issue_client_cert(cfg: configmod.Config, name: str, out: Path, days: int, *,
+                      server: bool = False, hosts: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """Issue OUT/NAME.pem and OUT/NAME.key (0600) from the development CA next to client_ca.
+
+    With `server`, the certificate also carries serverAuth and the SANs in `hosts` (default
+    localhost and 127.0.0.1), for peers that pacsd opens associations to.
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
         raise UsageError(f"{name!r}: use letters, digits, '_', '.', '-' (at most 64)")
     if not 1 <= days <= 3650:
@@ -74,7 +79,10 @@ def issue_client_cert(cfg: configmod.Config, name: str, out: Path, days: int) ->
     cert, key = out / f"{name}.pem", out / f"{name}.key"
     if key.exists():
         raise AlreadyExists(f"{key} exists; refusing to overwrite it")
-    tls.issue(Path(cfg.tls.client_ca).parent, name, cert, key, server=False, days=days)
+    if hosts and not server:
+        raise UsageError("--san goes with --server")
+    tls.issue(Path(cfg.tls.client_ca).parent, name, cert, key, server=server, days=days,
+              hosts=hosts or (("localhost", "127.0.0.1") if server else ()))
     return cert, key
 
 
