@@ -10,6 +10,7 @@ bounded in `tuning._socket_recv`, the number of presentation contexts in admissi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from io import BytesIO
 from typing import Any
@@ -60,7 +61,8 @@ def _abort(msg: Any, assoc: Any, gate: str, reason: str) -> bool:
     msg.data_set = BytesIO()
     spool = getattr(msg, "_data_set_file", None)
     if spool is not None and hasattr(spool, "abort"):
-        spool.abort()
+        with contextlib.suppress(Exception):  # e.g. its final flush hits a full disk
+            spool.abort()
     msg._data_set_file = None
     log.warning("aborting association: %s", reason)
     refused(assoc, gate, reason)

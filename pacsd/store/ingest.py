@@ -367,6 +367,8 @@ class Store:
         size = spool.size
         try:
             if spool.over_limit:
+                if getattr(spool, "disk_full", False):
+                    raise _Refused(OUT_OF_RESOURCES, "file system full while receiving")
                 if self._max_object is not None and spool.size > self._max_object:
                     raise _Refused(OUT_OF_RESOURCES, f"object of {spool.size} bytes exceeds "
                                    f"storage.max_object_mb={self.cfg.storage.max_object_mb}")

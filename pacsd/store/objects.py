@@ -131,6 +131,7 @@ class SpoolFile:
         self.size = 0
         self.limit = limit
         self.over_limit = limit is not None and limit <= 0
+        self.disk_full = False  # the file system filled while writing (ENOSPC/EDQUOT)
         self.synced = False
         self._fd: int | None = fd
         self._hash = hashlib.sha256()
@@ -174,14 +175,28 @@ class SpoolFile:
         if self._sealer is not None:
             self._pending += data
             if len(self._pending) >= CHUNK:
-                self._seal_full_chunks()
+                self._guarded(self._seal_full_chunks)
             return n
         if len(self._pending) + n < _BUFFER:
             self._pending += data
         else:
-            _write_all(self._fd, [self._pending, data])
+            self._guarded(_write_all, self._fd, [self._pending, data])
             self._pending.clear()
         return n
+
+    def _guarded(self, write: Any, *args: Any) -> None:
+        """Run a write; a full file system turns the spool into a counter (over_limit,
+        disk_full) so that the caller refuses the object with A700, instead of the error
+        escaping into pynetdicom's receive path and aborting the association (issue 9)."""
+        try:
+            write(*args)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or self._fd is None:
+                raise
+            self.over_limit = True
+            self.disk_full = True
+            self._pending = bytearray()  # not clear(): the failed write's views still exist
+            os.ftruncate(self._fd, 0)  # give the space back at once
 
     def _seal_full_chunks(self) -> None:
         assert self._sealer is not None and self._fd is not None
