@@ -510,6 +510,10 @@ class Store:
             if not (sop_class and sop_instance and ts):
                 return IngestResult(CANNOT_UNDERSTAND, False, False, "", 0, "", "",
                                     "file meta lacks SOP Class/Instance or Transfer Syntax UID")
+            if not all(map(valid_uid, (sop_class, sop_instance, ts))):
+                # before packing: a non-ASCII "UID" raised UnicodeEncodeError there (fuzzing)
+                return IngestResult(CANNOT_UNDERSTAND, False, False, "", 0, "", "",
+                                    "file meta holds an invalid UID")
             spool = self.spool()
             try:
                 spool.write(filemeta.file_meta_bytes(sop_class, sop_instance, ts))

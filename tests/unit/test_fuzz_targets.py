@@ -139,3 +139,23 @@ def test_finding_malformed_command_set_aborts_instead_of_killing_the_dul() -> No
     s = targets.Stats()
     targets.dimse(no_field, None, s)
     assert s.rejected == 1 and not s.findings
+
+
+def test_finding_non_ascii_uid_in_file_meta_is_c000(env: dict[str, Any]) -> None:
+    """Found by bench/fuzz: a Part 10 file whose MediaStorageSOPClassUID holds a 0xFF byte
+    made ingest_part10_file raise UnicodeEncodeError (packing the new file meta) instead
+    of returning C000: `pacsd import` and the inbox got a traceback."""
+    from pacsd.store.ingest import CANNOT_UNDERSTAND, Origin
+
+    seed = strategies.seed_part10()
+    uid = b"1.2.840.10008.5.1.4.1.1.2"
+    bad = seed.replace(uid, b"\xff" + uid[1:], 1)
+    assert bad != seed
+    f = env["work"] / "bad.dcm"
+    f.write_bytes(bad)
+    r = env["store"].ingest_part10_file(f, Origin(calling_ae="T", source_ip="127.0.0.1",
+                                                  username="", assoc_id="b" * 32))
+    assert r.status == CANNOT_UNDERSTAND and "invalid UID" in r.message
+    s = targets.Stats()
+    targets.part10(bad, env["store"], env["work"], s)
+    assert s.rejected == 1
