@@ -181,13 +181,20 @@ def test_index_locked_stores_wait_or_fail_cleanly(node_factory: Any, tmp_path: P
 # ------------------------------------------------------------------ CA replaced by garbage
 
 
-def test_garbage_ca_under_reload_is_refused_and_old_context_stays(node_factory: Any) -> None:
-    """The CA file is overwritten with garbage and SIGHUP sent: the reload is refused and
-    audited, associations keep working with the old context, also after the worker is
-    killed and replaced."""
+def echo_with_ca(node: Node, c: Client, ca: Path) -> subprocess.CompletedProcess[str]:
+    """echoscu trusting `ca` (the client's own copy: the node's file is garbage now)."""
+    return subprocess.run(
+        ["/usr/bin/echoscu", "+tls", str(c.key), str(c.cert), "+cf", str(ca), "-aet", c.title,
+         "-aec", node.ae_title, "127.0.0.1", str(node.port)],
+        capture_output=True, text=True, timeout=20, env={**os.environ, "TCP_NODELAY": "1"})
+
+
+def garbage_ca_refused(node_factory: Any, tmp_path: Path) -> tuple[Node, Client, Path, bytes]:
     node = node_factory()
     c = node.add_client("MOD")
-    r = node.dcmtk("echoscu", c)
+    ca = tmp_path / "client-trusts.pem"
+    ca.write_bytes(node.ca.read_bytes())
+    r = echo_with_ca(node, c, ca)
     assert r.returncode == 0, r.stderr
     good = node.ca.read_bytes()
     node.ca.write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
@@ -196,15 +203,36 @@ def test_garbage_ca_under_reload_is_refused_and_old_context_stays(node_factory: 
     refused = node.audit.wait_for(lambda x: x.get("event") == "config.reload"
                                   and x.get("outcome") == 8, timeout=20)
     assert refused, node.log_text()[-2000:]
-    r = node.dcmtk("echoscu", c)
-    assert r.returncode == 0, r.stdout + r.stderr
-    # a worker that dies now is replaced with the configuration that runs, not the file
+    return node, c, ca, good
+
+
+def test_garbage_ca_under_reload_is_refused_and_old_context_stays(node_factory: Any,
+                                                                   tmp_path: Path) -> None:
+    """The CA file is overwritten with garbage and SIGHUP sent: the reload is refused and
+    audited (config.reload, outcome 8); associations keep working with the old context."""
+    node, c, ca, good = garbage_ca_refused(node_factory, tmp_path)
+    for _ in range(3):
+        r = echo_with_ca(node, c, ca)
+        assert r.returncode == 0, r.stdout + r.stderr
+    node.ca.write_bytes(good)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 9 finding, daemon.py (lead): a replacement "
+                   "worker re-reads the TLS files from disk, so after a refused reload a "
+                   "worker crash leaves the node without workers (crash loop, clients hang)")
+def test_worker_replaced_after_a_refused_reload_keeps_the_old_context(
+        node_factory: Any, tmp_path: Path) -> None:
+    node, c, ca, good = garbage_ca_refused(node_factory, tmp_path)
+    assert node.proc is not None
     workers = [p for p in node.pids() if p != node.proc.pid]
     os.kill(workers[0], signal.SIGKILL)
-    deadline = time.monotonic() + 30
     ok = False
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline and not ok:
         time.sleep(1)
-        ok = node.dcmtk("echoscu", c, timeout=30).returncode == 0
-    assert ok, f"no echo after a worker was replaced under a garbage CA:\n{node.log_text()[-3000:]}"
+        try:
+            ok = echo_with_ca(node, c, ca).returncode == 0
+        except subprocess.TimeoutExpired:
+            break
     node.ca.write_bytes(good)
+    assert ok, f"no echo after a worker was replaced under a garbage CA:\n{node.log_text()[-3000:]}"
