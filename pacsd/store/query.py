@@ -271,6 +271,8 @@ def _condition(key: Key, column: Any, *, case_insensitive: bool) -> Any | None:
         if any("*" in u or "?" in u for u in uids):
             raise QueryError(IDENTIFIER_MISMATCH, f"{key.keyword}: wildcards in a UID",
                              key.tag)
+        if not uids:  # only backslashes: was an IndexError answered as C001 (fuzzing)
+            raise QueryError(IDENTIFIER_MISMATCH, f"{key.keyword}: empty UID list", key.tag)
         return column.in_(uids) if len(uids) > 1 else column == uids[0]
     if key.vr in ("IS", "US", "UL", "SS", "SL"):
         try:
@@ -501,6 +503,8 @@ def select_instances(query: Query, *, limit: int) -> list[Selected]:
             raise QueryError(IDENTIFIER_MISMATCH, f"{k.keyword}: wildcards in a retrieve",
                              k.tag)
         values = [v.strip() for v in k.value.split("\\") if v.strip()]
+        if not values:  # only backslashes (fuzzing: an IndexError before)
+            raise QueryError(IDENTIFIER_MISMATCH, f"{k.keyword}: empty value list", k.tag)
         where.append(column.in_(values) if len(values) > 1 else column == values[0])
     select = (Instance.select(Instance.sop_instance_uid, Instance.sop_class_uid,
                               Instance.transfer_syntax, Instance.sha256, Instance.size,

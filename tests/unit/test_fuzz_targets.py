@@ -159,3 +159,19 @@ def test_finding_non_ascii_uid_in_file_meta_is_c000(env: dict[str, Any]) -> None
     s = targets.Stats()
     targets.part10(bad, env["store"], env["work"], s)
     assert s.rejected == 1
+
+
+def test_finding_uid_list_of_only_backslashes_is_a900(env: dict[str, Any]) -> None:
+    """Found by bench/fuzz: StudyInstanceUID = '\\\\\\' (a list of empty UIDs) raised
+    IndexError in query.build (C-FIND) and select_instances (C-MOVE/C-GET), answered as
+    C001 server faults. Now A900."""
+    from pacsd.store import query
+
+    data = b"\x08\x00R\x00CS\x06\x00STUDY  \x00\r\x00UI\x04\x00\\\\\\ "
+    q = query.parse(targets.decode_identifier(data, False), query.STUDY_ROOT)
+    with pytest.raises(query.QueryError) as exc:
+        list(query.find(q, limit=10))
+    assert exc.value.status == 0xA900
+    with pytest.raises(query.QueryError) as exc:
+        query.select_instances(q, limit=10)
+    assert exc.value.status == 0xA900
