@@ -89,11 +89,26 @@ class Sealer:
         n = memoryview(chunk).nbytes
         if (final and n >= self.chunk) or (not final and n != self.chunk):
             raise ValueError("chunk size violates the framing")
-        out = self._aead.encrypt(_nonce(self._base, self._counter), bytes(chunk),
+        out = self._aead.encrypt(_nonce(self._base, self._counter), chunk,
                                  _FINAL if final else _MORE)
         self._counter += 1
         self._done = final
         return out
+
+    def seal_into(self, chunk: Any, out: bytearray, final: bool = False) -> memoryview:
+        """Like seal(), into the caller's buffer (len(out) >= chunk + TAG): no allocation
+        per chunk, which costs more than the cipher itself. Returns the filled view."""
+        if self._done:
+            raise ValueError("envelope already finished")
+        n = memoryview(chunk).nbytes
+        if (final and n >= self.chunk) or (not final and n != self.chunk):
+            raise ValueError("chunk size violates the framing")
+        view = memoryview(out)[: n + TAG]
+        self._aead.encrypt_into(_nonce(self._base, self._counter), chunk,
+                                _FINAL if final else _MORE, view)
+        self._counter += 1
+        self._done = final
+        return view
 
 
 def ciphertext_size(plain_size: int, chunk: int = CHUNK) -> int:
@@ -132,6 +147,18 @@ def read_header(f: IO[bytes]) -> Header:
     return Header(_read_exact(f, HEADER_SIZE))
 
 
+def _readinto_exact(f: IO[bytes], buf: bytearray) -> int:
+    """Fill `buf` from `f` unless the file ends first; returns the bytes read."""
+    view = memoryview(buf)
+    got = 0
+    while got < len(buf):
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            break
+        got += n
+    return got
+
+
 def _read_exact(f: IO[bytes], n: int) -> bytes:
     parts = []
     while n:
@@ -159,7 +186,9 @@ class Opener:
             raise EnvelopeError(str(exc)) from None
         self._aead = AESGCM(self.header.object_key(dek))
         self._counter = 0
-        self._buf = b""
+        self._ct = bytearray(self.header.chunk + TAG)
+        self._pt = bytearray(self.header.chunk)
+        self._buf: bytes | memoryview = b""
         self._pos = 0
         self._eof = False
         self.size = 0  # plaintext bytes returned so far
@@ -168,15 +197,17 @@ class Opener:
     def version(self) -> int:
         return self.header.version
 
-    def _next_chunk(self) -> bytes:
+    def _next_chunk(self) -> memoryview:
+        """The next chunk's plaintext, in a buffer reused by the following call."""
         want = self.header.chunk + TAG
-        ct = _read_exact(self._raw, want)
-        final = len(ct) < want
-        if final and len(ct) < TAG:
+        got = _readinto_exact(self._raw, self._ct)
+        final = got < want
+        if final and got < TAG:
             raise EnvelopeError(f"envelope truncated (chunk {self._counter} missing)")
+        pt = memoryview(self._pt)[: got - TAG]
         try:
-            pt = self._aead.decrypt(_nonce(self.header.base, self._counter), ct,
-                                    _FINAL if final else _MORE)
+            self._aead.decrypt_into(_nonce(self.header.base, self._counter),
+                                    memoryview(self._ct)[:got], _FINAL if final else _MORE, pt)
         except InvalidTag:
             raise EnvelopeError(f"chunk {self._counter} does not authenticate "
                                 "(altered, truncated or reordered)") from None
@@ -185,10 +216,11 @@ class Opener:
             self._eof = True
         return pt
 
-    def chunks(self) -> Iterator[bytes]:
-        """The remaining plaintext, one authenticated chunk at a time (no extra copies)."""
+    def chunks(self) -> Iterator[memoryview | bytes]:
+        """The remaining plaintext, one authenticated chunk at a time, without copies: each
+        view is valid only until the next one is asked for."""
         if self._pos < len(self._buf):
-            rest = self._buf[self._pos:]
+            rest = bytes(self._buf[self._pos:])
             self._buf, self._pos = b"", 0
             self.size += len(rest)
             yield rest
@@ -207,7 +239,7 @@ class Opener:
                 self._buf, self._pos = self._next_chunk(), 0
                 continue
             take = len(self._buf) - self._pos if want < 0 else min(want, len(self._buf) - self._pos)
-            out.append(self._buf[self._pos:self._pos + take])
+            out.append(bytes(self._buf[self._pos:self._pos + take]))
             self._pos += take
             if want > 0:
                 want -= take

@@ -31,7 +31,7 @@ from typing import IO, Any, BinaryIO
 
 from pacsd.errors import ProblemFound
 from pacsd.keys import KeyProblem, Keyring
-from pacsd.store.envelope import CHUNK, MAGIC, EnvelopeError, Opener, Sealer, is_envelope
+from pacsd.store.envelope import MAGIC, TAG, EnvelopeError, Opener, Sealer, is_envelope
 
 HEAD_SIZE = 256 * 1024  # first bytes kept in memory: enough for any header we index
 _BUFFER = 256 * 1024  # small writes are gathered up to this size before a syscall
@@ -141,6 +141,10 @@ class SpoolFile:
         self._sealer = sealer
         self._dek = dek  # to read back our own envelope (open_plaintext)
         self._sealed = False
+        if sealer is not None:  # one plaintext chunk and one ciphertext buffer, reused
+            self._chunk = bytearray(sealer.chunk)
+            self._fill = 0
+            self._out = bytearray(sealer.chunk + TAG)
         if sealer is not None:
             try:
                 _write_all(fd, [sealer.header()])
@@ -173,9 +177,7 @@ class SpoolFile:
         if len(self._head) < HEAD_SIZE:
             self._head += memoryview(data).cast("B")[: HEAD_SIZE - len(self._head)]
         if self._sealer is not None:
-            self._pending += data
-            if len(self._pending) >= CHUNK:
-                self._guarded(self._seal_full_chunks)
+            self._guarded(self._fill_and_seal, data, n)
             return n
         if len(self._pending) + n < _BUFFER:
             self._pending += data
@@ -198,23 +200,29 @@ class SpoolFile:
             self._pending = bytearray()  # not clear(): the failed write's views still exist
             os.ftruncate(self._fd, 0)  # give the space back at once
 
-    def _seal_full_chunks(self) -> None:
+    def _fill_and_seal(self, data: Any, n: int) -> None:
+        """Copy into the chunk buffer; each full chunk is sealed and written at once."""
         assert self._sealer is not None and self._fd is not None
-        out = []
-        off = 0
-        with memoryview(self._pending) as view:
-            while len(view) - off >= CHUNK:
-                out.append(self._sealer.seal(view[off:off + CHUNK]))
-                off += CHUNK
-        del self._pending[:off]
-        _write_all(self._fd, out)
+        src = memoryview(data).cast("B")
+        chunk, size = self._chunk, len(self._chunk)
+        fill, off = self._fill, 0
+        while off < n:
+            take = min(size - fill, n - off)
+            chunk[fill:fill + take] = src[off:off + take]
+            fill += take
+            off += take
+            if fill == size:
+                _write_all(self._fd, [self._sealer.seal_into(chunk, self._out)])
+                fill = 0
+        self._fill = fill
 
     def _seal_final(self) -> None:
         """Write the final (short) chunk: the envelope is complete from here on."""
         if self._sealer is not None and not self._sealed and self._fd is not None:
             if not self.over_limit:
-                _write_all(self._fd, [self._sealer.seal(self._pending, final=True)])
-            self._pending.clear()
+                last = memoryview(self._chunk)[: self._fill]
+                _write_all(self._fd, [self._sealer.seal_into(last, self._out, final=True)])
+            self._fill = 0
             self._sealed = True
 
     def flush(self) -> None:
