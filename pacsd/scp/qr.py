@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -30,7 +31,8 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import AllStoragePresentationContexts, build_context
 
 from pacsd import audit
@@ -94,6 +96,7 @@ def _status_ds(code: int, comment: str = "", offending: int | None = None) -> Da
 def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset | None]]:
     """EVT_C_FIND: yields (Pending, identifier) per match, then the final status."""
     state: AssocState = event.assoc.pacsd_state
+    _Replies.of(event.assoc)  # pending responses take the fast path
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     fields: dict[str, Any] = {"model": model, **state.audit_context()}
     if not services.permitted(state, "find"):
@@ -166,6 +169,7 @@ class _Replies:
 
     def __init__(self, assoc: Any) -> None:
         self._send = assoc.dimse.send_msg
+        self._dimse = assoc.dimse
         self._lock = threading.Lock()
         self._rewrites: dict[int, Callable[[Any], None]] = {}
         assoc.dimse.send_msg = self._filter
@@ -187,6 +191,11 @@ class _Replies:
             self._rewrites.pop(msg_id, None)
 
     def _filter(self, primitive: Any, context_id: int) -> None:
+        if (type(primitive) is C_FIND and primitive.Status == status.PENDING
+                and primitive.Identifier is not None
+                and primitive.MessageIDBeingRespondedTo is not None):
+            self._pending_find(primitive, context_id)
+            return
         if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (
                 status.PENDING, status.PENDING_WARNING):
             with self._lock:
@@ -194,6 +203,45 @@ class _Replies:
             if fn is not None:
                 fn(primitive)
         self._send(primitive, context_id)
+
+
+    def _pending_find(self, rsp: Any, context_id: int) -> None:
+        """A pending C-FIND-RSP without pynetdicom's per-message pydicom encoding of the
+        command set (most of the cost of each match): same bytes, built by hand."""
+        cmd = encode_find_pending(str(rsp.AffectedSOPClassUID or ""),
+                                  int(rsp.MessageIDBeingRespondedTo))
+        data = rsp.Identifier.getvalue()
+        dimse = self._dimse
+        size = int(dimse.maximum_pdu_size or 0)
+        chunk = size - 6 if size > 6 else len(data) or 1
+        first = P_DATA()
+        # pynetdicom's setter wants [ID, PDV] lists (its annotation says tuples)
+        first.presentation_data_value_list = [[context_id, b"\x03" + cmd]]  # type: ignore[list-item]
+        dimse.dul.send_pdu(first)
+        for offset in range(0, max(len(data), 1), chunk):
+            last = offset + chunk >= len(data)
+            pdata = P_DATA()
+            pdata.presentation_data_value_list = [  # type: ignore[list-item]
+                [context_id, (b"\x02" if last else b"\x00") + data[offset:offset + chunk]]]
+            dimse.dul.send_pdu(pdata)
+
+
+def _cmd_element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def encode_find_pending(sop_class: str, message_id: int) -> bytes:
+    """The C-FIND-RSP command set with Status Pending and an Identifier following,
+    Implicit VR Little Endian (PS3.7 9.3.2.2)."""
+    uid = sop_class.encode("ascii")
+    body = b"".join([
+        _cmd_element(0x0002, uid + b"\0" if len(uid) % 2 else uid),
+        _cmd_element(0x0100, struct.pack("<H", 0x8020)),
+        _cmd_element(0x0120, struct.pack("<H", message_id)),
+        _cmd_element(0x0800, struct.pack("<H", 0x0001)),
+        _cmd_element(0x0900, struct.pack("<H", status.PENDING)),
+    ])
+    return _cmd_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def _refusal(code: int, comment: str) -> Callable[[Any], None]:

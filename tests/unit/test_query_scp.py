@@ -182,3 +182,50 @@ def test_abandoned_requests_are_still_audited(cfg: Any) -> None:
         find.close()
     assert [(r["event"], r.get("interrupted")) for r in records] == [
         ("dicom.retrieve", True), ("dicom.query", True)]
+
+
+@pytest.mark.parametrize("sop_class,msg_id", [("1.2.840.10008.5.1.4.1.2.2.1", 7),
+                                              ("1.2.840.10008.5.1.4.1.2.1.1", 65535)])
+def test_fast_pending_find_command_is_pynetdicoms_bytes(sop_class: str, msg_id: int) -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.dsutils import encode
+
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = 0xFF00
+    rsp.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(rsp)
+    assert qr.encode_find_pending(sop_class, msg_id) == encode(msg.command_set, True, True)
+
+
+def test_fast_pending_find_fragments_to_the_peer_pdu_size() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_primitives import C_FIND
+
+    sent: list[Any] = []
+    dimse = SimpleNamespace(send_msg=lambda p, c: sent.append(("slow", p)),
+                            maximum_pdu_size=16,
+                            dul=SimpleNamespace(send_pdu=lambda p: sent.append(("pdu", p))))
+    replies = qr._Replies(SimpleNamespace(dimse=dimse))
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 3
+    rsp.AffectedSOPClassUID = STUDY_FIND
+    rsp.Status = 0xFF00
+    rsp.Identifier = BytesIO(bytes(range(25)))
+    dimse.send_msg(rsp, 5)
+    pdvs = [p.presentation_data_value_list[0] for kind, p in sent]
+    assert [p[0] for p in pdvs] == [5, 5, 5, 5]
+    assert [p[1][0] for p in pdvs] == [0x03, 0x00, 0x00, 0x02]  # command, data..., last
+    assert b"".join(p[1][1:] for p in pdvs[1:]) == bytes(range(25))
+    assert all(len(p[1]) <= 16 - 6 + 1 for p in pdvs[1:])  # header byte + data
+    final = C_FIND()
+    final.MessageIDBeingRespondedTo = 3
+    final.Status = 0x0000
+    dimse.send_msg(final, 5)
+    assert sent[-1] == ("slow", final) and replies is not None
