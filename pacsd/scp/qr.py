@@ -221,8 +221,8 @@ class _Replies:
         for offset in range(0, max(len(data), 1), chunk):
             last = offset + chunk >= len(data)
             pdata = P_DATA()
-            pdata.presentation_data_value_list = [  # type: ignore[list-item]
-                [context_id, (b"\x02" if last else b"\x00") + data[offset:offset + chunk]]]
+            pdv = [context_id, (b"\x02" if last else b"\x00") + data[offset:offset + chunk]]
+            pdata.presentation_data_value_list = [pdv]  # type: ignore[list-item]
             dimse.dul.send_pdu(pdata)
 
 
