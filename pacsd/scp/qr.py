@@ -510,7 +510,14 @@ def handle_move(event: Any, services: Services) -> Iterator[Any]:
         r.finish(audit.Outcome.SERIOUS, reason=comment)
         yield None, None
         return
-    host, port = _host_port(dest.dest)
+    try:
+        host, port = _host_port(dest.dest)
+    except ValueError:
+        replies.rewrite(msg_id, _refusal(status.MOVE_DESTINATION_UNKNOWN,
+                                         f"destination {title[:16]} has no valid address"))
+        r.finish(audit.Outcome.SERIOUS, reason="destination address invalid")
+        yield None, None
+        return
     r.tally.selected = len(selected)
     kwargs = {
         "tls_args": (services.client_tls, None),
