@@ -190,8 +190,8 @@ class Opener:
         self._pt = bytearray(self.header.chunk)
         self._buf: bytes | memoryview = b""
         self._pos = 0
+        self._start = 0  # plaintext offset of _buf[0]
         self._eof = False
-        self.size = 0  # plaintext bytes returned so far
 
     @property
     def version(self) -> int:
@@ -216,18 +216,49 @@ class Opener:
             self._eof = True
         return pt
 
+    def _advance(self) -> None:
+        self._start += len(self._buf)
+        self._buf, self._pos = self._next_chunk(), 0
+
     def chunks(self) -> Iterator[memoryview | bytes]:
         """The remaining plaintext, one authenticated chunk at a time, without copies: each
         view is valid only until the next one is asked for."""
         if self._pos < len(self._buf):
             rest = bytes(self._buf[self._pos:])
-            self._buf, self._pos = b"", 0
-            self.size += len(rest)
+            self._pos = len(self._buf)
             yield rest
         while not self._eof:
-            pt = self._next_chunk()
-            self.size += len(pt)
-            yield pt
+            self._advance()
+            self._pos = len(self._buf)
+            yield self._buf
+
+    def tell(self) -> int:
+        return self._start + self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        """Seek in the plaintext (pydicom's parser skips values this way). Forward seeks
+        decrypt and check the chunks passed over; a seek back before the current chunk
+        starts again from the first chunk. A seek past the end stops at the end. Memory
+        stays at one chunk."""
+        if whence == os.SEEK_CUR:
+            offset += self.tell()
+        elif whence == os.SEEK_END:
+            while not self._eof:
+                self._advance()
+            offset += self._start + len(self._buf)
+        if offset < 0:
+            raise ValueError("negative seek position")
+        if offset < self._start:  # rewind to the first chunk
+            self._raw.seek(HEADER_SIZE)
+            self._counter, self._start, self._eof = 0, 0, False
+            self._buf, self._pos = b"", 0
+        while offset >= self._start + len(self._buf) and not self._eof:
+            self._advance()
+        self._pos = min(offset - self._start, len(self._buf))
+        return self.tell()
 
     def read(self, n: int = -1) -> bytes:
         out = []
@@ -236,16 +267,14 @@ class Opener:
             if self._pos >= len(self._buf):
                 if self._eof:
                     break
-                self._buf, self._pos = self._next_chunk(), 0
+                self._advance()
                 continue
             take = len(self._buf) - self._pos if want < 0 else min(want, len(self._buf) - self._pos)
             out.append(bytes(self._buf[self._pos:self._pos + take]))
             self._pos += take
             if want > 0:
                 want -= take
-        data = b"".join(out)
-        self.size += len(data)
-        return data
+        return b"".join(out)
 
     def readinto(self, b: Any) -> int:
         view = memoryview(b).cast("B")

@@ -7,12 +7,14 @@ import io
 import os
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pacsd.keys import FileKEK, Keyring, create_keyring
 from pacsd.store import envelope
 from pacsd.store.envelope import CHUNK, HEADER_SIZE, EnvelopeError, Opener, Sealer
+from pacsd.store.objects import HEAD_SIZE as HEAD_SIZE_FOR_TEST
 from pacsd.store.objects import IntegrityError, ObjectStore
 
 DEK = os.urandom(32)
@@ -193,3 +195,82 @@ def test_memory_stays_flat_for_a_large_object(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert sha == h.hexdigest()
     assert peak < 8 * 1024 * 1024, peak
+
+
+# --------------------------------------------------------------------------- through Store
+
+
+def encrypted_store(tmp_path: Path) -> Any:
+    from pacsd import config as configmod
+    from pacsd.store.ingest import Store
+
+    (tmp_path / "tls").mkdir()
+    key = tmp_path / "tls" / "storage.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    cfg_path = tmp_path / "pacsd.toml"
+    cfg_path.write_text("[storage]\nmin_free_mb = 0\nencryption = true\n")
+    return Store.open(configmod.load(cfg_path)), cfg_path
+
+
+def test_ingest_encrypted_with_header_beyond_head_and_key_version(tmp_path: Path) -> None:
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from pacsd.store.index import Instance
+    from tests.unit.test_store_ingest import make_dataset, put
+
+    store, _ = encrypted_store(tmp_path)
+    ds = make_dataset()
+    ds.add_new(0x00090010, "LO", "BIGVENDOR")
+    ds.add_new(0x00091001, "OB", os.urandom(HEAD_SIZE_FOR_TEST + 1000))  # before group 0x20
+    r = put(store, ds, ts=ImplicitVRLittleEndian)  # header parse must read the envelope back
+    assert r.ok, r.message
+    row = Instance.get()
+    assert row.key_version == 1 and row.sha256 == r.sha256
+    raw = store.objects.path_for(r.sha256).read_bytes()
+    assert envelope.is_envelope(raw) and b"Doe^Jane" not in raw
+    store.close()
+
+
+def test_sweep_removes_unindexed_encrypted_object_after_crash(tmp_path: Path) -> None:
+    from pacsd import config as configmod
+    from pacsd.store.ingest import Store
+
+    store, cfg_path = encrypted_store(tmp_path)
+    sp = store.spool()
+    sp.write(part10(1000))
+    sha = sp.finish()
+    store.objects.publish(sp)  # published, then the process "dies" before the index commit
+    sp.close()  # its lock goes with it; the temp name stays as a second link
+    assert store.objects.path_for(sha).stat().st_nlink == 2
+    store.close()
+    reopened = Store.open(configmod.load(cfg_path))
+    assert reopened.swept == 1
+    assert not reopened.objects.path_for(sha).exists()  # the sweep decrypted it to know
+    reopened.close()
+
+
+def test_opener_seeks_like_a_file() -> None:
+    import random
+
+    data = os.urandom(5 * 1024 + 300)
+    f = Opener(io.BytesIO(seal_bytes(data)), lambda _v: DEK)
+    ref = io.BytesIO(data)
+    rng = random.Random(7)
+    for _ in range(200):
+        op = rng.choice(["read", "seek", "seek_cur", "seek_end"])
+        if op == "read":
+            n = rng.randint(0, 3000)
+            assert f.read(n) == ref.read(n)
+        elif op == "seek":
+            pos = rng.randint(0, len(data))
+            assert f.seek(pos) == ref.seek(pos)
+        elif op == "seek_cur":
+            d = rng.randint(-ref.tell(), 2000)
+            assert f.seek(d, os.SEEK_CUR) == ref.seek(d, os.SEEK_CUR)
+        else:
+            d = -rng.randint(0, len(data))
+            assert f.seek(d, os.SEEK_END) == ref.seek(d, os.SEEK_END)
+        assert f.tell() == ref.tell()
+    assert f.seek(0) == 0 and f.read() == data
+    assert f.seek(len(data) + 50) == len(data) and f.read() == b""  # clamped at the end
