@@ -327,7 +327,7 @@ class _HashingWriter:
         self.fd = fd
         self.hash = hashlib.sha256()
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.hash.update(data)
         view = memoryview(data)
         while view:
