@@ -52,6 +52,14 @@ def init_node(directory: Path, *, ae_title: str = "PACSD", port: int = 2762,
     tls.write_private(tls_dir / "storage.key", secrets.token_bytes(32))
     cfg_path.write_text(_template(ae_title, port, encryption), encoding="utf-8")
     cfg = configmod.load(cfg_path)
+    if encryption:  # the keyring now, not at the first `serve` (where it is only logged)
+        from pacsd import audit, keys
+
+        audit.start_standalone(cfg)
+        try:
+            keys.create_keyring(cfg.storage.keyring, keys.FileKEK.from_file(cfg.storage.key_file))
+        finally:
+            audit.shutdown(5.0)
     _create_databases(cfg)
     return cfg_path
 
