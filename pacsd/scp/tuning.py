@@ -167,16 +167,18 @@ def _assoc_run_reactor(self: Any) -> None:
         self._reactor_checkpoint.wait()
         self._is_paused = False
         try:
-            context_id, msg = msg_queue.get(timeout=ASSOC_IDLE_WAIT)
+            item = msg_queue.get(timeout=ASSOC_IDLE_WAIT)
         except queue.Empty:
-            context_id, msg = None, None
-        if msg and not self._reactor_checkpoint.is_set():
+            item = None
+        if item is not None and not self._reactor_checkpoint.is_set():
             # a send_*() paused us while we waited (it saw _is_paused before we cleared
-            # it): the message is its response; hand it back (scp/qr.py C-MOVE)
+            # it): the item is its response, or the (None, None) an abort puts there to
+            # wake it; hand it back (scp/qr.py C-MOVE)
             with msg_queue.mutex:
-                msg_queue.queue.appendleft((context_id, msg))
+                msg_queue.queue.appendleft(item)
                 msg_queue.not_empty.notify()
             continue
+        context_id, msg = item if item is not None else (None, None)
         if msg:
             self._serve_request(msg, int(context_id))
         if self.is_established and self.acse.is_release_requested():
