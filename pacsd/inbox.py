@@ -37,6 +37,7 @@ from typing import Any
 
 from pacsd import audit
 from pacsd.config import Config
+from pacsd.fsutil import fsync_dir
 from pacsd.store.ingest import CANNOT_UNDERSTAND, IngestResult, Origin, Store
 
 log = logging.getLogger("pacsd.inbox")
@@ -315,8 +316,8 @@ class Inbox:
             log.error("inbox: cannot move %s to %s: %s", name, to, exc)
             return None
         with contextlib.suppress(OSError):
-            _fsync_dir(to)
-            _fsync_dir(self.dir)
+            fsync_dir(to)
+            fsync_dir(self.dir)
         return dest
 
 
@@ -327,11 +328,3 @@ def _write_reason(path: Path, reason: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

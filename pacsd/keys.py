@@ -48,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pacsd.config import Config
 from pacsd.errors import EnvironmentProblem
+from pacsd.fsutil import fsync_dir
 
 KEY_BYTES = 32
 RING_FORMAT = 1
@@ -135,14 +136,6 @@ class KeyVersion:
     version: int
     created: str
     wrapped: bytes
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Keyring:
@@ -318,7 +311,7 @@ def _write_ring(path: Path, kek: KeyEncryptionKey, versions: list[KeyVersion],
             tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

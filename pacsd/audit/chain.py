@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pacsd.errors import EnvironmentProblem
+from pacsd.fsutil import fsync_dir
 
 GENESIS = "0" * 64
 STATE_FILE = "chain.state"
@@ -93,14 +94,6 @@ def save_state(spool: Path, state: ChainState) -> None:
         os.close(fd)
     tmp.replace(p)
     fsync_dir(spool)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def ensure_spool(spool: Path) -> None:

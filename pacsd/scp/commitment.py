@@ -87,14 +87,6 @@ def event_handlers(services: Services) -> list[tuple[Any, Callable[..., Any], li
     return [(evt.EVT_N_ACTION, handle_n_action, [commitments])]
 
 
-def _status_ds(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
-
-
 # ---------------------------------------------------------------------------- N-ACTION
 def handle_n_action(event: Any, commitments: Commitments) -> tuple[Dataset | int, None]:
     """EVT_N_ACTION: record the request durably, then answer; the report follows."""
@@ -105,7 +97,8 @@ def handle_n_action(event: Any, commitments: Commitments) -> tuple[Dataset | int
     if not services.permitted(state, "commit"):
         services.refuse_request(state, "commit")
         _audit(audit.Outcome.SERIOUS, fields, reason="commit not permitted")
-        return _status_ds(status.REFUSED_NOT_AUTHORIZED, "storage commitment not permitted"), None
+        return (status.dataset(status.REFUSED_NOT_AUTHORIZED, "storage commitment not permitted"),
+                None)
     refusal = _check_request(req)
     if refusal is None:
         try:
@@ -114,7 +107,7 @@ def handle_n_action(event: Any, commitments: Commitments) -> tuple[Dataset | int
             refusal = (exc.status, exc.comment)
     if refusal is not None:
         _audit(audit.Outcome.MINOR, fields, reason=refusal[1])
-        return _status_ds(*refusal), None
+        return status.dataset(*refusal), None
     fields["transaction_uid"] = txn
     try:
         pk, duplicate = commitments.accept(state, event.assoc, txn, items)
@@ -122,7 +115,7 @@ def handle_n_action(event: Any, commitments: Commitments) -> tuple[Dataset | int
         log.exception("storage commitment request not recorded")
         _audit(audit.Outcome.MAJOR, fields, instances=len(items),
                reason=f"not recorded: {type(exc).__name__}")
-        return _status_ds(status.PROCESSING_FAILURE, "request could not be recorded"), None
+        return status.dataset(status.PROCESSING_FAILURE, "request could not be recorded"), None
     _audit(audit.Outcome.SUCCESS, fields, instances=len(items), duplicate=duplicate,
            request_id=pk)
     return status.SUCCESS, None

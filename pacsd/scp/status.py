@@ -1,5 +1,17 @@
 """Named DIMSE status values (PS3.4 / PS3.7 Annex C), so handlers never return bare numbers."""
 
+from pydicom.dataset import Dataset
+
+
+def dataset(code: int, comment: str = "") -> Dataset:
+    """A status Dataset for a handler to return: Status and, when given, ErrorComment."""
+    ds = Dataset()
+    ds.Status = code
+    if comment:
+        ds.ErrorComment = comment[:64]
+    return ds
+
+
 SUCCESS = 0x0000
 REFUSED_NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.x: the user/AE may not invoke this operation
 OUT_OF_RESOURCES = 0xA700

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from pacsd.errors import ProblemFound
+from pacsd.fsutil import fsync_dir as _sync_directory
 from pacsd.keys import KeyProblem, Keyring
 from pacsd.store.envelope import MAGIC, TAG, EnvelopeError, Opener, Sealer, is_envelope
 
@@ -54,15 +55,6 @@ class IntegrityError(ProblemFound):
 
 def _fsync(fd: int) -> None:
     os.fsync(fd)
-
-
-def _sync_directory(path: str | Path) -> None:
-    """fsync a directory so a rename or a new entry in it survives power loss."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_all(fd: int, buffers: list[Any]) -> None:
