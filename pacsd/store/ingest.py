@@ -27,6 +27,7 @@ import os
 import re
 import sqlite3
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -321,6 +322,10 @@ class Store:
         self._min_free = cfg.storage.min_free_mb * _MB
         self._max_object = cfg.storage.max_object_mb * _MB or None
         self._on_duplicate = cfg.storage.on_duplicate
+        # Index writers of this process queue here, in order, rather than in SQLite's
+        # busy handler, which is not fair: under 32 concurrent stores one writer could be
+        # starved past busy_timeout ("database is locked", A700; bench/load, issue 9).
+        self._write_lock = threading.Lock()
 
     @classmethod
     def open(cls, cfg: Config) -> Store:
@@ -459,7 +464,7 @@ class Store:
         """
         now = _now()
         sql = functools.partial(_exec, self.db)
-        with self.db.atomic("IMMEDIATE"):
+        with self._write_lock, self.db.atomic("IMMEDIATE"):
             row = sql(_SQL_INSTANCE_BY_UID, (h.sop_instance_uid,)).fetchone()
             if row is not None and self._on_duplicate != "replace":
                 return "duplicate", None
