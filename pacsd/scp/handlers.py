@@ -33,7 +33,6 @@ def handle_released(event: Any, services: Services) -> None:
     state: AssocState = event.assoc.pacsd_state
     services.flush_store_tally(state)
     audit.record(audit.Event("assoc.released"), audit.Outcome.SUCCESS, **state.audit_context())
-    services.close_thread_db()
 
 
 def handle_aborted(event: Any, services: Services) -> None:
@@ -41,7 +40,6 @@ def handle_aborted(event: Any, services: Services) -> None:
     services.flush_store_tally(state)
     if state.accepted:
         audit.record(audit.Event("assoc.aborted"), audit.Outcome.MINOR, **state.audit_context())
-    services.close_thread_db()
 
 
 def handle_echo(event: Any, services: Services) -> int:

@@ -95,20 +95,6 @@ class Services:
             cert_sha256=peer_fingerprint(sock) or "",
         )
 
-    def close_thread_db(self) -> None:
-        """Close this thread's database connections (peewee keeps one per thread). Called
-        as an association thread ends: left to the garbage collector, a burst of 32
-        associations kept ~20 descriptors per worker open afterwards (bench/load, issue 9)."""
-        import contextlib
-
-        from pacsd.auth.database import auth_db
-        from pacsd.store.index import index_db
-
-        for db in (index_db, auth_db):
-            with contextlib.suppress(Exception):  # not open in this thread, or not bound
-                if not db.is_closed():
-                    db.close()
-
     def connection_closed(self, state: AssocState) -> None:
         self.flush_store_tally(state)
         if state.slot is not None:
