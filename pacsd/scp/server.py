@@ -98,9 +98,21 @@ class NodeRequestHandler(RequestHandler):
             assoc.start()
             assoc.join()
             _flushed(assoc)
+            _drop_partial(assoc)
         finally:
             services.connection_closed(state)
             _close(tls_sock)
+
+
+def _drop_partial(assoc: Any) -> None:
+    """Remove the spool file of a C-STORE the peer never finished (connection lost or
+    timed out mid-dataset). Left to the garbage collector, its descriptor and temp file
+    outlived the association (issue 9: seen after a 1 byte/s C-STORE was cut off)."""
+    msg = getattr(getattr(assoc, "dimse", None), "message", None)
+    spool = getattr(msg, "_data_set_file", None)
+    if spool is not None and hasattr(spool, "abort"):
+        with contextlib.suppress(Exception):
+            spool.abort()
 
 
 def _flushed(assoc: Any, timeout: float = 2.0) -> None:
