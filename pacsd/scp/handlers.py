@@ -14,14 +14,6 @@ from pacsd.scp.state import AssocState, Services
 log = logging.getLogger("pacsd.handlers")
 
 
-def _status(code: int, comment: str = "") -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:64]
-    return ds
-
-
 def handle_accepted(event: Any, services: Services) -> None:
     state: AssocState = event.assoc.pacsd_state
     state.accepted = True
@@ -59,7 +51,7 @@ def handle_store(event: Any, services: Services) -> Dataset | int:
     spool = req._dataset_file
     if spool is None:  # chunked receive is always on; a C-STORE without a dataset
         services.tally_store(state, "", False, 0, "no dataset")
-        return _status(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
+        return status.dataset(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
     if not services.permitted(state, "store"):
         spool.abort()
         services.refuse_request(state, "store")
@@ -76,5 +68,5 @@ def handle_store(event: Any, services: Services) -> Dataset | int:
     services.tally_store(state, result.study_uid, ok, result.size, result.message)
     if not ok:
         log.info("store refused from %s: %s", state.calling_ae, result.message)
-        return _status(result.status, result.message)
+        return status.dataset(result.status, result.message)
     return result.status
