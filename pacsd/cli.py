@@ -35,7 +35,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_worker(args: argparse.Namespace) -> int:
     from pacsd import daemon
 
-    return daemon.run_worker(_load(args), args.fd, args.index)
+    return daemon.run_worker(daemon.worker_config(args.config or str(configmod.default_path())),
+                             args.fd, args.index)
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:

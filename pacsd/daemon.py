@@ -10,6 +10,7 @@ only queue the signal; the main loop dispatches (handle_hup, handle_term, ...).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -212,6 +213,89 @@ class Worker:
     started: float = field(default_factory=time.monotonic)
 
 
+SNAPSHOT_ENV = "PACSD_SNAPSHOT_FDS"
+
+
+class Snapshot:
+    """The config file and TLS files as last validated, held in memfds the workers inherit.
+
+    A worker (a replacement after a crash, or a new one at reload) builds its config and
+    TLS contexts from these, never from the files on disk, which may have been changed
+    (or broken) since: after a refused reload the node keeps what it validated last.
+    Validation reads the same bytes the workers will get, so nothing can change between.
+    """
+
+    NAMES = ("config", "cert", "key", "client_ca")
+
+    def __init__(self, fds: dict[str, int]) -> None:
+        self.fds = fds
+
+    @classmethod
+    def take(cls, source: str) -> tuple[Snapshot, Config]:
+        """Copy the config and TLS files into memfds; returns the snapshot and the config
+        parsed from it. Raises PacsdError when a file is unreadable or the config invalid."""
+        fds: dict[str, int] = {}
+        try:
+            fds["config"] = _memfd("config", _read(Path(source), "config"))
+            text = os.pread(fds["config"], os.fstat(fds["config"]).st_size, 0)
+            try:
+                cfg = configmod.parse(text.decode("utf-8"), Path(source))
+            except UnicodeDecodeError:
+                raise ConfigError(f"{source}: not UTF-8 text") from None
+            for name in cls.NAMES[1:]:
+                path = getattr(cfg.tls, name)
+                fds[name] = _memfd(name, _read(Path(path), f"tls.{name}"))
+        except BaseException:
+            for fd in fds.values():
+                os.close(fd)
+            raise
+        return cls(fds), cfg
+
+    def view(self, cfg: Config) -> Config:
+        """`cfg` with its TLS paths pointing at the snapshot (valid in this process and in
+        every child that inherited the descriptors under the same numbers)."""
+        tls_paths = {n: f"/proc/self/fd/{self.fds[n]}" for n in self.NAMES[1:]}
+        return dataclasses.replace(cfg, tls=dataclasses.replace(cfg.tls, **tls_paths))
+
+    def explain(self, message: str, cfg: Config) -> str:
+        """`message` with snapshot paths turned back into the files an operator knows."""
+        for name in self.NAMES[1:]:
+            message = message.replace(f"/proc/self/fd/{self.fds[name]}", getattr(cfg.tls, name))
+        return message
+
+    def env(self) -> str:
+        return ",".join(f"{n}={fd}" for n, fd in self.fds.items())
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = {}
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise EnvironmentProblem(f"{key}: {path}: {exc.strerror}") from None
+
+
+def _memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(f"pacsd-{name}", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    return fd
+
+
+def worker_config(source: str) -> Config:
+    """The config a worker runs with: the supervisor's snapshot when there is one."""
+    spec = os.environ.get(SNAPSHOT_ENV)
+    if not spec:
+        return configmod.load(source)
+    fds = {k: int(v) for k, v in (item.split("=", 1) for item in spec.split(","))}
+    text = os.pread(fds["config"], os.fstat(fds["config"]).st_size, 0).decode("utf-8")
+    return Snapshot(fds).view(configmod.parse(text, Path(source)))
+
+
 class Supervisor:
     """Owns the listening socket, the workers, signals, reload and sd_notify."""
 
@@ -227,6 +311,7 @@ class Supervisor:
         self._wake_w.setblocking(False)
         self._wake_r.setblocking(False)
         self._stopping = False
+        self.snapshot: Snapshot | None = None
         self.sequencer: audit.Sequencer | None = None
         self._watch = FileWatch(self._file_changed)
         self._reload_due: float | None = None
@@ -243,7 +328,12 @@ class Supervisor:
         """Validate everything a worker needs before binding; raises PacsdError."""
         from pacsd import app
 
-        app.build_services(self.cfg).store.close()  # migrates DBs, sweeps the spool once
+        self.snapshot, self.cfg = Snapshot.take(self.cfg.source)
+        # migrates the DBs, sweeps the spool once, loads TLS from the snapshot
+        try:
+            app.build_services(self.snapshot.view(self.cfg)).store.close()
+        except PacsdError as exc:
+            raise type(exc)(self.snapshot.explain(str(exc), self.cfg)) from None
         self.sock = bind_listener(self.cfg)
 
     def _spawn(self, index: int) -> Worker:
@@ -255,10 +345,13 @@ class Supervisor:
         if self.sequencer is not None:
             env["PACSD_AUDIT_SOCKET"] = self.sequencer.socket_path
         env["PACSD_READY_FD"] = str(ready_w)
+        assert self.snapshot is not None
+        env[SNAPSHOT_ENV] = self.snapshot.env()
         cmd = [sys.executable, "-m", "pacsd", "--config", self.cfg.source, "_worker",
                "--fd", str(self.sock.fileno()), "--index", str(index)]
-        proc = subprocess.Popen(cmd, pass_fds=(self.sock.fileno(), ready_w), env=env,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, pass_fds=(self.sock.fileno(), ready_w,
+                                               *self.snapshot.fds.values()),
+                                env=env, stdin=subprocess.DEVNULL)
         os.close(ready_w)
         return Worker(index=index, proc=proc, ready_fd=ready_r)
 
@@ -413,17 +506,24 @@ class Supervisor:
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\n"
                   "STATUS=reloading configuration and certificates")
         seen = files_fingerprint(watched_files(self.cfg))
+        snapshot: Snapshot | None = None
+        new = self.cfg
         try:
-            new = configmod.load(self.cfg.source)
+            snapshot, new = Snapshot.take(self.cfg.source)
             if new.node.listen != self.cfg.node.listen:
                 raise ConfigError(f"{new.source}: node.listen changed; a restart is needed")
-            tls.server_context(new)
-            tls.client_context(new)
+            view = snapshot.view(new)
+            tls.server_context(view)
+            tls.client_context(view)
             # what start-up would refuse, plus an expired certificate or CA
-            problems = [p for p in tls.check_files(new) if "expired" in p]
+            problems = [p for p in tls.check_files(view) if "expired" in p]
             if problems:
                 raise EnvironmentProblem("; ".join(problems))
-        except PacsdError as exc:
+        except PacsdError as err:
+            exc = err
+            if snapshot is not None:
+                exc = type(err)(snapshot.explain(str(err), new))
+                snapshot.close()
             self._files_seen = seen  # do not retry the same files; the next change will
             log.error("reload refused, keeping the running configuration: %s", exc)
             print(f"pacsd: reload refused, keeping the running configuration: {exc}",
@@ -434,6 +534,7 @@ class Supervisor:
                       "configuration")
             return False
         self.cfg = new
+        old_snapshot, self.snapshot = self.snapshot, snapshot
         self._files_seen = files_fingerprint(watched_files(new))
         if self.sequencer is not None:
             self.sequencer.reconfigure(new)  # new syslog target, format, alert thresholds
@@ -453,6 +554,8 @@ class Supervisor:
                 old.proc.send_signal(RETIRE_SIGNAL)
             self.retiring.append(old)
             replaced += 1
+        if old_snapshot is not None:
+            old_snapshot.close()  # running workers hold their own inherited copies
         self._watch.watch(watched_files(new))
         self.reloads += 1
         audit.record(audit.Event("config.reload"), audit.Outcome.SUCCESS, trigger=trigger,

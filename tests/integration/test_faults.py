@@ -217,9 +217,6 @@ def test_garbage_ca_under_reload_is_refused_and_old_context_stays(node_factory: 
     node.ca.write_bytes(good)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 9 finding, daemon.py (lead): a replacement "
-                   "worker re-reads the TLS files from disk, so after a refused reload a "
-                   "worker crash leaves the node without workers (crash loop, clients hang)")
 def test_worker_replaced_after_a_refused_reload_keeps_the_old_context(
         node_factory: Any, tmp_path: Path) -> None:
     node, c, ca, good = garbage_ca_refused(node_factory, tmp_path)
