@@ -670,7 +670,7 @@ def run_worker(cfg: Config, fd: int, index: int) -> int:
         on_term()
     server.stop_accepting()
     while time.monotonic() < deadline[0]:
-        if not [a for a in server.active_associations if a.is_alive()]:
+        if not server.running_associations():
             break
         time.sleep(0.05)
     aborted = server.drain(time.monotonic())  # abort whatever is still running

@@ -223,18 +223,26 @@ class NodeServer(ThreadedAssociationServer):
         # supervisor and every other worker share.
         socketserver.BaseServer.shutdown(self)
 
-    def drain(self, deadline: float) -> int:
-        """Wait until no association is active or `deadline` (monotonic) passes; abort the rest.
+    def running_associations(self) -> list[Any]:
+        """Established associations still running (what a graceful stop waits for)."""
+        return [a for a in self.active_associations if a.is_alive() and a.is_established]
 
-        Returns how many associations had to be aborted.
+    def drain(self, deadline: float) -> int:
+        """Wait until no established association is running or `deadline` (monotonic) passes;
+        abort the rest. Returns how many established associations had to be aborted.
+
+        Connections that never became an association (still before or inside the
+        A-ASSOCIATE exchange, or whose peer already went away) carry no work to finish:
+        they are not waited for (pynetdicom would otherwise hold their thread for up to
+        acse_timeout) and die with the worker.
         """
         import time
 
         while time.monotonic() < deadline:
-            if not [a for a in self.active_associations if a.is_alive()]:
+            if not self.running_associations():
                 return 0
             time.sleep(0.05)
-        left = [a for a in self.active_associations if a.is_alive()]
+        left = self.running_associations()
         for a in left:
             a.abort()
         return len(left)
