@@ -370,6 +370,20 @@ def _note_abort(assoc: Any) -> None:
             assoc.is_established = False
 
 
+def _select_for(event: Any, models: dict[str, str], services: Services, r: _Retrieval, what: str,
+                ) -> tuple[list[Selected], tuple[int, str] | None]:
+    """Select a C-MOVE/C-GET's instances; a bad identifier or a failure becomes a refusal."""
+    try:
+        q, selected = _select(event, models, services.cfg.query.max_suboperations)
+    except QueryError as exc:
+        return [], (exc.status, exc.comment)
+    except Exception as exc:  # answered with a status, never raised into pynetdicom
+        log.exception("%s selection failed", what)
+        return [], (status.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+    r.fields.update(q.summary())
+    return selected, None
+
+
 def _select(event: Any, models: dict[str, str], limit: int = retrieve.MAX_SUBOPERATIONS,
             ) -> tuple[query.Query, list[Selected]]:
     model = models.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
@@ -405,15 +419,7 @@ def handle_get(event: Any, services: Services) -> Iterator[Any]:
         services.refuse_request(state, "get")
         refusal = (status.REFUSED_NOT_AUTHORIZED, "C-GET not permitted")
     else:
-        try:
-            q, selected = _select(event, GET_MODELS,
-                                   services.cfg.query.max_suboperations)
-            r.fields.update(q.summary())
-        except QueryError as exc:
-            refusal = (exc.status, exc.comment)
-        except Exception as exc:
-            log.exception("C-GET selection failed")
-            refusal = (status.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+        selected, refusal = _select_for(event, GET_MODELS, services, r, "C-GET")
     if refusal is not None:
         replies.rewrite(msg_id, _refusal(*refusal))
         r.finish(audit.Outcome.SERIOUS if refusal[0] == status.REFUSED_NOT_AUTHORIZED
@@ -495,15 +501,7 @@ def handle_move(event: Any, services: Services) -> Iterator[Any]:
         elif services.client_tls is None:
             refusal = (status.UNABLE_TO_PROCESS, "no client TLS context for C-MOVE")
         else:
-            try:
-                q, selected = _select(event, MOVE_MODELS,
-                                           services.cfg.query.max_suboperations)
-                r.fields.update(q.summary())
-            except QueryError as exc:
-                refusal = (exc.status, exc.comment)
-            except Exception as exc:
-                log.exception("C-MOVE selection failed")
-                refusal = (status.UNABLE_TO_PROCESS, f"retrieve failed: {type(exc).__name__}")
+            selected, refusal = _select_for(event, MOVE_MODELS, services, r, "C-MOVE")
     if refusal is not None or dest is None:
         code, comment = refusal or (status.MOVE_DESTINATION_UNKNOWN, "no destination")
         replies.rewrite(msg_id, _refusal(code, comment))
