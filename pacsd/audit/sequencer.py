@@ -112,7 +112,23 @@ def validate_forwarded(obj: Any) -> dict[str, Any]:
     return rec
 
 
-class Sequencer:
+class _DroppingQueue:
+    """A bounded record queue that never blocks its producer: a full queue drops and counts."""
+
+    _queue: queue.Queue[dict[str, Any]]
+    _count_lock: threading.Lock
+    dropped: int
+
+    def submit(self, rec: dict[str, Any]) -> None:
+        """Queue a record without ever blocking; a full queue drops it and counts the drop."""
+        try:
+            self._queue.put_nowait(rec)
+        except queue.Full:
+            with self._count_lock:
+                self.dropped += 1
+
+
+class Sequencer(_DroppingQueue):
     """Numbers, chains, sends and spools every audit record of the node.
 
     Raises EnvironmentProblem when the spool is unusable or another process holds the chain.
@@ -164,14 +180,6 @@ class Sequencer:
                 raise
 
     # ------------------------------------------------------------------ intake
-
-    def submit(self, rec: dict[str, Any]) -> None:
-        """Queue a record without ever blocking; a full queue drops it and counts the drop."""
-        try:
-            self._queue.put_nowait(rec)
-        except queue.Full:
-            with self._count_lock:
-                self.dropped += 1
 
     def submit_wait(self, rec: dict[str, Any], timeout: float) -> bool:
         """Queue a record, waiting up to timeout (socket readers: pushes back on the worker)."""
@@ -498,7 +506,7 @@ class _Listener:
         self._thread.join(2.0)
 
 
-class WorkerClient:
+class WorkerClient(_DroppingQueue):
     """A worker's link to the sequencer: a bounded queue and one sender thread."""
 
     def __init__(self, socket_path: str, queue_size: int = 10_000,
@@ -513,13 +521,6 @@ class WorkerClient:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-forwarder", daemon=True)
         self._thread.start()
-
-    def submit(self, rec: dict[str, Any]) -> None:
-        try:
-            self._queue.put_nowait(rec)
-        except queue.Full:
-            with self._count_lock:
-                self.dropped += 1
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued was handed to the sequencer."""
