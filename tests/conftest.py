@@ -54,15 +54,15 @@ def pacsd_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pacsd", *args]
 
 
-class AuditSink:
-    """A unix datagram socket standing in for /dev/log; collects RFC 5424 lines."""
+class DatagramCollector:
+    """A unix datagram socket at `path` that keeps every message it receives (a thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
-        self.lines: list[str] = []
+        self.messages: list[str] = []
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -73,11 +73,20 @@ class AuditSink:
                 data = self.sock.recv(65536)
             except (TimeoutError, OSError):
                 continue
-            self.lines.append(data.decode("utf-8", "replace"))
+            self.messages.append(data.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+class AuditSink(DatagramCollector):
+    """Stands in for /dev/log; collects RFC 5424 lines and parses their JSON bodies."""
 
     def records(self) -> list[dict[str, Any]]:
         out = []
-        for line in list(self.lines):
+        for line in list(self.messages):
             i = line.find("{")
             if i < 0:
                 continue
@@ -93,11 +102,6 @@ class AuditSink:
             if found or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
 
 
 @dataclass

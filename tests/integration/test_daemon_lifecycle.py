@@ -18,32 +18,18 @@ import pytest
 from pydicom import dcmread
 
 from pacsd import tls
-from tests.conftest import Node, make_dataset, needs_dcmtk
+from tests.conftest import DatagramCollector, Node, make_dataset, needs_dcmtk
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
-class NotifySocket:
+class NotifySocket(DatagramCollector):
     """A datagram socket standing in for systemd's NOTIFY_SOCKET; keeps every message."""
 
     def __init__(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="pacsd-notify-"))
-        self.path = self._dir / "notify"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        self.sock.settimeout(0.2)
-        self.messages: list[str] = []
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                self.messages.append(self.sock.recv(4096).decode())
-            except (TimeoutError, OSError):
-                continue
+        super().__init__(self._dir / "notify")
 
     def wait_for(self, prefix: str, count: int = 1, timeout: float = 30) -> list[str]:
         deadline = time.monotonic() + timeout
@@ -55,9 +41,7 @@ class NotifySocket:
         raise AssertionError(f"no {count}x {prefix!r} in {self.messages}")
 
     def close(self) -> None:
-        self._stop = True
-        self._thread.join(2)
-        self.sock.close()
+        super().close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

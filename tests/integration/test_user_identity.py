@@ -140,7 +140,7 @@ def test_totp(site: tuple[Node, Client], tmp_path: Path) -> None:
     assert not store(n, mod, tmp_path, "alice", PW + code)  # the same code twice
     assert failures(n, "totp_replay")
     # nothing secret in the daemon's log or the audit trail
-    everything = n.log_text() + "\n".join(n.audit.lines)
+    everything = n.log_text() + "\n".join(n.audit.messages)
     for needle in (PW, PW + code, otp.secret):
         assert needle not in everything
     # the 6-digit code alone could occur by chance inside a timestamp or hash: no field is it
