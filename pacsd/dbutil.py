@@ -1,10 +1,32 @@
-"""SQLite helpers shared by the auth and index databases: open with WAL, versioned migrations."""
+"""SQLite helpers shared by the auth and index databases: open with WAL, versioned migrations,
+connections that do not outlive their use.
+
+Why connections are closed when idle, not just when their thread ends (issue 9): in WAL
+mode every open SQLite connection holds a POSIX read lock on the database file. Closing a
+descriptor drops all of the process's POSIX locks on that file, so SQLite does not close
+the descriptor of a connection closed while another connection of the same process still
+holds its lock: it parks it and closes the parked descriptors only when the last
+connection to the file closes. One long-lived connection (the worker's main thread after
+start-up, the accept thread's source-block check, the commitment dispatcher) therefore
+kept the database descriptors of every association thread that had ever run concurrently
+open for good: after a burst of 32 associations a worker held ~34 descriptors per
+database. Here a connection is closed when its thread ends and, in any thread, once it
+has been idle for IDLE_CLOSE seconds (no cursor alive, no transaction open); the thread's
+next query opens a fresh one. With every connection of an idle worker closed, SQLite
+closes the parked descriptors too.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
+import threading
+import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import peewee
 
@@ -22,8 +44,131 @@ PRAGMAS = {
 }
 
 
+IDLE_CLOSE = 2.0  # seconds without a live cursor or transaction before a connection closes
+SWEEP_EVERY = 1.0
+
+
+class _Conn:
+    """One thread's connection and what the idle sweeper needs to close it safely.
+
+    Held strongly only by its thread's peewee state (thread-local): when the thread ends,
+    CPython drops that storage and __del__ closes the connection at once, rather than
+    whenever the cyclic garbage collector finds it."""
+
+    __slots__ = ("__weakref__", "closed", "conn", "cursors", "last_use", "lock")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.cursors: weakref.WeakSet[sqlite3.Cursor] = weakref.WeakSet()
+        self.last_use = time.monotonic()
+        self.closed = False
+
+    def close_if_idle(self, now: float) -> bool:
+        """Close when no cursor of it is alive, no transaction is open and it has not been
+        used for IDLE_CLOSE seconds. Its owner only touches the connection through a live
+        cursor (taken under self.lock), so it is not using it meanwhile."""
+        with self.lock:
+            if self.closed:
+                return True
+            if (len(self.cursors) or now - self.last_use < IDLE_CLOSE
+                    or self.conn.in_transaction):
+                return False
+            self.closed = True
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        return True
+
+    def __del__(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+
+
+class _Sweeper:
+    """One daemon thread per process that closes idle connections of every thread."""
+
+    def __init__(self) -> None:
+        self.conns: weakref.WeakSet[_Conn] = weakref.WeakSet()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def track(self, c: _Conn) -> None:
+        with self.cond:
+            self.conns.add(c)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._run, name="db-idle", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.conns:
+                    self.cond.wait()
+            time.sleep(SWEEP_EVERY)
+            self._sweep(time.monotonic())
+
+    def _sweep(self, now: float) -> None:
+        # its own frame: no strong reference to a _Conn outlives the sweep, so a thread
+        # that ends meanwhile still has its connection closed by _Conn.__del__
+        with self.cond:
+            conns = list(self.conns)
+        for c in conns:
+            if c.close_if_idle(now):
+                with self.cond:
+                    self.conns.discard(c)
+
+    def reset_after_fork(self) -> None:
+        self.conns = weakref.WeakSet()
+        self.cond = threading.Condition()
+        self.thread = None
+
+
+_sweeper = _Sweeper()
+os.register_at_fork(after_in_child=_sweeper.reset_after_fork)
+
+
+class NodeDatabase(peewee.SqliteDatabase):
+    """peewee's SqliteDatabase (one connection per thread, opened on first use) whose
+    connections close when their thread ends or when idle (see the module docstring)."""
+
+    _state: Any  # peewee's thread-local connection state (not in its stubs)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection = cast(Any, super())._connect()
+        c = _Conn(conn)
+        self._state.handle = c  # thread-local, like the connection itself
+        _sweeper.track(c)
+        return conn
+
+    def _close(self, conn: sqlite3.Connection) -> None:
+        c = getattr(self._state, "handle", None)
+        if c is not None and c.conn is conn:
+            with c.lock:
+                c.closed = True
+        cast(Any, super())._close(conn)
+
+    def cursor(self, named_cursor: Any = None) -> sqlite3.Cursor:
+        if self.is_closed():
+            self.connect()  # peewee's autoconnect
+        c: _Conn = self._state.handle
+        with c.lock:
+            if not c.closed:
+                cur = c.conn.cursor()
+                c.cursors.add(cur)
+                c.last_use = time.monotonic()
+                return cur
+        # closed while idle: a fresh connection in place, keeping peewee's thread state
+        # (an atomic() block may have pushed its transaction and not yet sent BEGIN)
+        conn = self._connect()
+        self._state.conn = conn
+        cast(Any, self)._initialize_connection(conn)
+        return self.cursor()
+
+
 def open_sqlite(path: str | Path, *, create: bool = True) -> peewee.SqliteDatabase:
-    """Open (thread-local connections) a SQLite database with our pragmas.
+    """Open (thread-local connections, see NodeDatabase) a SQLite database with our pragmas.
 
     Raises EnvironmentProblem when the file is missing and create is False, or unopenable.
     """
@@ -34,7 +179,7 @@ def open_sqlite(path: str | Path, *, create: bool = True) -> peewee.SqliteDataba
     if not p.exists():
         fd = os.open(p, os.O_CREAT | os.O_WRONLY, 0o600)
         os.close(fd)
-    db = peewee.SqliteDatabase(str(p), pragmas=PRAGMAS, check_same_thread=False)
+    db = NodeDatabase(str(p), pragmas=PRAGMAS, check_same_thread=False)
     try:
         db.connect(reuse_if_open=True)
     except peewee.OperationalError as exc:
