@@ -7,10 +7,16 @@ Thin handlers: gate 5 (`services.permitted`), `store.query` turns the identifier
 How the sub-operations stream. pynetdicom's C-MOVE/C-GET service class sends what the
 handler yields with `send_c_store`; we yield a placeholder (SOP Class/Instance UID only)
 per instance and wrap `send_c_store` of the association that carries the C-STOREs, so
-that each object is verified and then streamed from its file (STORE_SEND_CHUNKED_DATASET,
-set in app.py): memory stays flat, the bytes sent are the bytes stored, and a corrupted
-object raises before anything is sent, which pynetdicom counts as a failed sub-operation
-with its SOP Instance UID in the Failed SOP Instance UID List.
+that each object is verified and then streamed from its still open file: memory stays
+flat, the bytes sent are the bytes stored, and a corrupted object raises before anything
+is sent, which pynetdicom counts as a failed sub-operation with its SOP Instance UID in
+the Failed SOP Instance UID List. An object whose stored transfer syntax was accepted
+for its SOP class (the C-MOVE sub-association proposes exactly those; a C-GET requestor
+usually accepts them) is framed into P-DATA-TF PDUs by `scp/sender.py`, encrypted
+objects included (they are verified into a private plaintext file first); anything else
+(another transfer syntax accepted, unusual File Meta Information) goes through
+pynetdicom's own send_c_store (STORE_SEND_CHUNKED_DATASET, set in app.py), converted in
+memory when a C-GET requestor accepted only another uncompressed transfer syntax.
 
 Statuses pynetdicom would otherwise fix (a refused C-MOVE is only expressible as A801, a
 refused C-GET as "0 sub-operations, success", an unreachable destination as A801) are
@@ -37,7 +43,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 
 from pacsd import audit
 from pacsd.auth import aes
-from pacsd.scp import status
+from pacsd.scp import sender, status
 from pacsd.scp.state import AssocState, Services
 from pacsd.store import query, retrieve
 from pacsd.store.objects import IntegrityError
@@ -272,6 +278,7 @@ class _Retrieval:
         self.finished = False
         objects = getattr(services.store, "objects", None)
         self.tmp_dir = getattr(objects, "tmp", None)
+        self.fast = 0  # sub-operations sent by scp/sender.py (the rest by pynetdicom)
 
     def placeholder(self, sel: Selected) -> Dataset:
         ds = Dataset()
@@ -291,30 +298,27 @@ class _Retrieval:
             if sel is None:
                 return original(dataset, *args, **kwargs)
             try:
-                return self._send(original, sel, *args, **kwargs)
+                return self._send(assoc, original, sel, *args, **kwargs)
             finally:
                 if sub_association:
                     _note_abort(assoc)
+                    sender.resume(assoc)
 
         assoc.send_c_store = send_c_store
 
-    def _send(self, original: Callable[..., Any], sel: Selected, *args: Any,
+    def _send(self, assoc: Any, original: Callable[..., Any], sel: Selected, *args: Any,
               **kwargs: Any) -> Any:
         if self.refused_destination:
             self.tally.done(sel, "failure")
             raise PermissionError(self.refused_destination)
         try:
-            with retrieve.verified_source(self.services.store, sel.sha256,
-                                          self.tmp_dir) as path:
+            with retrieve.verified_open(self.services.store, sel.sha256) as f:
                 try:
-                    rsp = original(path, *args, **kwargs)
-                except ValueError as exc:
-                    # a C-GET requestor that accepted another uncompressed transfer
-                    # syntax: convert this one (decoded in memory, from the verified file)
-                    if "No presentation context" not in str(exc) \
-                            or sel.transfer_syntax not in _UNCOMPRESSED:
-                        raise
-                    rsp = original(dcmread(path), *args, **kwargs)
+                    # stored transfer syntax accepted: framed straight from the file
+                    rsp = sender.send_c_store(assoc, f, **_store_args(*args, **kwargs))
+                    self.fast += 1
+                except sender.Unsupported:
+                    rsp = self._send_slow(original, f, sel, *args, **kwargs)
         except IntegrityError as exc:
             self.tally.done(sel, "failure")
             self.tally.integrity_failures += 1
@@ -337,6 +341,20 @@ class _Retrieval:
             self.tally.done(sel, "failure")
         return rsp
 
+    def _send_slow(self, original: Callable[..., Any], f: Any, sel: Selected, *args: Any,
+                   **kwargs: Any) -> Any:
+        """pynetdicom's send_c_store, for what the fast path does not take."""
+        with retrieve.path_of(f, self.tmp_dir) as path:
+            try:
+                return original(path, *args, **kwargs)
+            except ValueError as exc:
+                # a C-GET requestor that accepted another uncompressed transfer
+                # syntax: convert this one (decoded in memory, from the verified file)
+                if "No presentation context" not in str(exc) \
+                        or sel.transfer_syntax not in _UNCOMPRESSED:
+                    raise
+                return original(dcmread(path), *args, **kwargs)
+
     def finish(self, outcome: audit.Outcome | None = None, **more: Any) -> None:
         """The one dicom.retrieve record of this request (later calls do nothing)."""
         if self.finished:
@@ -355,6 +373,14 @@ class _Retrieval:
                      completed=t.completed, warning=t.warning, failed=t.failed,
                      remaining=t.remaining, bytes=t.bytes,
                      integrity_failures=t.integrity_failures, **more)
+
+
+def _store_args(msg_id: int = 1, priority: int = 2, originator_aet: str | None = None,
+                originator_id: int | None = None) -> dict[str, Any]:
+    """send_c_store's arguments after the dataset, by name (pynetdicom's signature)."""
+    return {"msg_id": int(msg_id), "priority": int(priority),
+            "originator_aet": None if originator_aet is None else str(originator_aet),
+            "originator_id": None if originator_id is None else int(originator_id)}
 
 
 def _note_abort(assoc: Any) -> None:

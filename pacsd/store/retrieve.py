@@ -3,7 +3,8 @@
 DESIGN §5: every object is checked against its SHA-256 before a byte of it is sent; a
 mismatch (or a missing file) raises `IntegrityError` and the object is never sent.
 
-`verified_source` hands the sender a path it can stream from without loading the object:
+`verified_open` hands the sender (scp/sender.py) the verified open file itself, to stream
+from. `verified_source` hands pynetdicom's sender a path it can stream from instead:
 on Linux `/proc/self/fd/N` of the descriptor that was verified, so a file renamed over the
 object between the check and the send is not what goes out; elsewhere, or when the store
 returns something that is not a plain file (an encrypted envelope decrypted on read), a
@@ -20,12 +21,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from pacsd.store.objects import READ_CHUNK, IntegrityError
 from pacsd.store.query import Query, Selected, select_instances
 
-__all__ = ["IntegrityError", "Selected", "Tally", "select", "verified_source"]
+__all__ = ["IntegrityError", "Selected", "Tally", "path_of", "select", "verified_open",
+           "verified_source"]
 
 MAX_SUBOPERATIONS = 65535  # the response counts are US (PS3.4 C.4.2.3)
 _PROC_FD = Path("/proc/self/fd")
@@ -51,16 +53,35 @@ def verified_source(store: _VerifiedReader, sha256: str,
     Raises IntegrityError (content does not hash to its name, or missing) before anything
     is yielded.
     """
+    with verified_open(store, sha256) as f, path_of(f, tmp_dir) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def verified_open(store: _VerifiedReader, sha256: str) -> Iterator[IO[bytes]]:
+    """The object's verified Part 10 bytes as an open file at offset 0, closed after the
+    `with` block (scp/sender.py streams from it: what it sends is what was verified).
+
+    Raises IntegrityError (content does not hash to its name, or missing) before anything
+    is yielded.
+    """
     f = store.open_verified(sha256)
     try:
-        fd = _fileno(f)
-        if fd is not None and _PROC_FD.is_dir():
-            yield str(_PROC_FD / str(fd))
-            return
-        with _private_copy(f, tmp_dir) as path:
-            yield path
+        yield f
     finally:
         f.close()
+
+
+@contextlib.contextmanager
+def path_of(f: IO[bytes], tmp_dir: Path | None = None) -> Iterator[str]:
+    """A path to the whole content of `f` (a verified_open file), valid inside the block."""
+    fd = _fileno(f)
+    if fd is not None and _PROC_FD.is_dir():
+        yield str(_PROC_FD / str(fd))
+        return
+    f.seek(0)
+    with _private_copy(f, tmp_dir) as path:
+        yield path
 
 
 def _fileno(f: Any) -> int | None:
