@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,7 +42,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts, build_contex
 
 from pacsd import audit
 from pacsd.auth import aes
-from pacsd.scp import sender, status
+from pacsd.scp import find, sender, status
 from pacsd.scp.state import AssocState, Services
 from pacsd.store import query, retrieve
 from pacsd.store.objects import IntegrityError
@@ -119,24 +118,40 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
         audited = True
         _audit_query(fields, outcome, matches=matches, **more)
 
+    # matches leave as pre-encoded PDUs (find.py); other transfer syntaxes as Datasets
+    implicit_vr = find.PendingSender.implicit_vr(event.context.transfer_syntax)
+    pending: find.PendingSender | None = None
     try:
         q = query.parse(_identifier(event), model)
         fields.update(q.summary())
-        results = query.find(q, limit=limit,
-                             case_insensitive=services.cfg.query.case_insensitive_names,
-                             retrieve_ae=services.cfg.node.ae_title)
-        for ds in results:
+        options = {"limit": limit, "retrieve_ae": services.cfg.node.ae_title,
+                   "case_insensitive": services.cfg.query.case_insensitive_names}
+        results: Iterator[Any]
+        if implicit_vr is None:
+            results = query.find(q, **options)
+        else:
+            results = query.find_encoded(q, implicit_vr=implicit_vr, **options)
+            pending = find.PendingSender(event.assoc, event.context.context_id,
+                                        str(event.request.AffectedSOPClassUID),
+                                        int(event.request.MessageID))
+        for match in results:
             if event.is_cancelled:
+                _flush(pending)
                 done(audit.Outcome.SUCCESS, cancelled=True)
                 yield status.CANCEL, None
                 return
             if matches == limit:
+                _flush(pending)
                 comment = f"more than {limit} matches (query.max_results); refine the query"
                 done(audit.Outcome.MINOR, truncated=True)
                 yield _status_ds(status.OUT_OF_RESOURCES, comment), None
                 return
             matches += 1
-            yield status.PENDING, ds
+            if pending is None:
+                yield status.PENDING, match
+            else:
+                pending.add(match)
+        _flush(pending)
         done(audit.Outcome.SUCCESS)
     except QueryError as exc:
         done(audit.Outcome.MINOR, reason=exc.comment)
@@ -144,6 +159,7 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
         return
     except Exception as exc:  # a database or decoding fault: answer, audit, keep serving
         log.exception("C-FIND failed")
+        _flush(pending)
         done(audit.Outcome.MAJOR, reason=type(exc).__name__)
         yield _status_ds(status.UNABLE_TO_PROCESS, "query failed"), None
         return
@@ -151,6 +167,11 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
         if not audited:  # the peer aborted or released while matches were pending
             done(audit.Outcome.MINOR, interrupted=True)
     yield status.SUCCESS, None
+
+
+def _flush(pending: find.PendingSender | None) -> None:
+    if pending is not None:
+        pending.flush()
 
 
 def _identifier(event: Any) -> Dataset:
@@ -214,8 +235,8 @@ class _Replies:
     def _pending_find(self, rsp: Any, context_id: int) -> None:
         """A pending C-FIND-RSP without pynetdicom's per-message pydicom encoding of the
         command set (most of the cost of each match): same bytes, built by hand."""
-        cmd = encode_find_pending(str(rsp.AffectedSOPClassUID or ""),
-                                  int(rsp.MessageIDBeingRespondedTo))
+        cmd = find.encode_find_pending(str(rsp.AffectedSOPClassUID or ""),
+                                       int(rsp.MessageIDBeingRespondedTo))
         data = rsp.Identifier.getvalue()
         dimse = self._dimse
         size = int(dimse.maximum_pdu_size or 0)
@@ -230,24 +251,6 @@ class _Replies:
             pdv = [context_id, (b"\x02" if last else b"\x00") + data[offset:offset + chunk]]
             pdata.presentation_data_value_list = [pdv]  # type: ignore[list-item]
             dimse.dul.send_pdu(pdata)
-
-
-def _cmd_element(elem: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
-
-
-def encode_find_pending(sop_class: str, message_id: int) -> bytes:
-    """The C-FIND-RSP command set with Status Pending and an Identifier following,
-    Implicit VR Little Endian (PS3.7 9.3.2.2)."""
-    uid = sop_class.encode("ascii")
-    body = b"".join([
-        _cmd_element(0x0002, uid + b"\0" if len(uid) % 2 else uid),
-        _cmd_element(0x0100, struct.pack("<H", 0x8020)),
-        _cmd_element(0x0120, struct.pack("<H", message_id)),
-        _cmd_element(0x0800, struct.pack("<H", 0x0001)),
-        _cmd_element(0x0900, struct.pack("<H", status.PENDING)),
-    ])
-    return _cmd_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 def _refusal(code: int, comment: str) -> Callable[[Any], None]:

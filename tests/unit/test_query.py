@@ -326,3 +326,61 @@ def test_select_instances_refusals(db: Any) -> None:
         query.select_instances(query.parse(ident("PATIENT", PatientID="P1"), PATIENT_ROOT),
                                limit=3)
     assert exc.value.status == 0xA700
+
+
+def _encoded_cases() -> list[tuple[Dataset, str]]:
+    seq = ident("STUDY", StudyInstanceUID="")
+    seq.add_new(0x00081110, "SQ", [])  # ReferencedStudySequence: not kept, returned empty
+    seq.add_new(0x00080054, "AE", "")  # RetrieveAETitle
+    seq.add_new(0x00080056, "CS", "")  # InstanceAvailability
+    latin = ident("STUDY", StudyInstanceUID="", PatientName="*")
+    latin.SpecificCharacterSet = "ISO_IR 100"
+    utf8 = ident("PATIENT", PatientID="", PatientName="")
+    utf8.SpecificCharacterSet = "ISO_IR 192"
+    return [
+        (ident("STUDY", PatientName="", PatientID="", StudyDate="", StudyTime="",
+               AccessionNumber="", StudyDescription="", StudyInstanceUID="",
+               ModalitiesInStudy="", NumberOfStudyRelatedSeries="",
+               NumberOfStudyRelatedInstances="", SOPClassesInStudy="",
+               ReferringPhysicianName="", StudyID=""), STUDY_ROOT),
+        (ident("PATIENT", PatientID="", PatientName="", PatientBirthDate="", PatientSex="",
+               NumberOfPatientRelatedStudies="", NumberOfPatientRelatedSeries="",
+               NumberOfPatientRelatedInstances="", IssuerOfPatientID=""), PATIENT_ROOT),
+        (ident("SERIES", StudyInstanceUID="1.2.1\\1.2.3", SeriesInstanceUID="", Modality="",
+               SeriesNumber="", SeriesDescription="", NumberOfSeriesRelatedInstances=""),
+         STUDY_ROOT),
+        (ident("IMAGE", SOPInstanceUID="", SOPClassUID="", InstanceNumber=""), STUDY_ROOT),
+        (ident("IMAGE", PatientID="P1", StudyInstanceUID="1.2.1", SeriesInstanceUID="1.2.1.1",
+               SOPInstanceUID=""), PATIENT_ROOT),
+        (seq, STUDY_ROOT), (latin, STUDY_ROOT), (utf8, PATIENT_ROOT),
+        (ident("STUDY", StudyTime="101500", StudyDate=""), STUDY_ROOT),  # odd-length value
+    ]
+
+
+@pytest.mark.parametrize("implicit_vr", [True, False])
+def test_encoded_identifiers_are_pydicoms_bytes(db: Any, implicit_vr: bool) -> None:
+    """find_encoded writes what pydicom writes for find's Datasets, row for row, in both
+    Little Endian encodings: ASCII rows by hand, non-ASCII ones (P7) through pydicom."""
+    from pynetdicom.dsutils import encode
+
+    seen_non_ascii = 0
+    for ds, model in _encoded_cases():
+        q = query.parse(ds, model)
+        expected = [encode(d, implicit_vr, True) for d in query.find(q, limit=100,
+                                                                      retrieve_ae="PACSD")]
+        got = list(query.find_encoded(q, limit=100, implicit_vr=implicit_vr,
+                                      retrieve_ae="PACSD"))
+        assert got == expected, ds
+        assert got and all(isinstance(b, bytes) for b in got)
+        seen_non_ascii += sum("Müller".encode() in b or "Müller".encode("latin-1") in b
+                              for b in got)
+    assert seen_non_ascii >= 2
+
+
+def test_encoder_writes_ascii_rows_itself(db: Any) -> None:
+    q = query.parse(ident("STUDY", PatientName="", StudyInstanceUID="", StudyTime=""),
+                    STUDY_ROOT)
+    plan = query.build(q, limit=10)
+    enc = query._Encoder(q, plan, "PACSD", True)
+    rows = list(query._rows(plan))
+    assert [enc.encode(r) is None for r in rows].count(True) == 1  # only Müller's row

@@ -14,13 +14,16 @@ from pynetdicom.dimse_primitives import C_GET
 from pacsd import audit
 from pacsd import config as configmod
 from pacsd.auth.aes import Peer
-from pacsd.scp import qr
+from pacsd.scp import find, qr
 from pacsd.scp.state import AssocState
 from pacsd.store import index
 from tests.unit.test_query import fill
 
 STUDY_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
 
 
 def _cfg(tmp_path: Path, extra: str = "") -> configmod.Config:
@@ -43,9 +46,23 @@ class FakeServices:
         self.refused.append(service)
 
 
-class FakeDimse:
+class FakeDul:
     def __init__(self) -> None:
+        self.pdus: list[Any] = []  # primitives queued for the DUL thread
+        self.socket: Any = None
+
+    def send_pdu(self, primitive: Any) -> None:
+        self.pdus.append(primitive)
+
+    def _send(self, pdu: Any) -> None:  # the DUL thread's write, which find.py wraps
+        raise AssertionError("not called in these tests")
+
+
+class FakeDimse:
+    def __init__(self, max_pdu: int = 16384) -> None:
         self.sent: list[Any] = []
+        self.dul = FakeDul()
+        self.maximum_pdu_size = max_pdu
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         self.sent.append(primitive)
@@ -55,15 +72,17 @@ class FakeEvent:
     """What the handlers read from a pynetdicom Event; cancels after `cancel_after` reads."""
 
     def __init__(self, identifier: Dataset, sop_class: str, permits: set[str],
-                 cancel_after: int | None = None) -> None:
+                 cancel_after: int | None = None, transfer_syntax: str = IMPLICIT_LE,
+                 max_pdu: int = 16384) -> None:
         peer = Peer(title="WS", cert_sha256="0" * 64, cert_subject="", cert_not_after="",
                     hosts=(), permits=frozenset(permits), require_user=False, dest="",
                     move_to=(), enabled=True)
         state = AssocState(assoc_id="a" * 32, source_ip="127.0.0.1", source_port=1,
                            cert_sha256="0" * 64, calling_ae="WS", called_ae="PACSD", peer=peer)
-        self.assoc = SimpleNamespace(pacsd_state=state, dimse=FakeDimse(),
+        self.assoc = SimpleNamespace(pacsd_state=state, dimse=FakeDimse(max_pdu),
                                      send_c_store=lambda *a, **kw: None)
         self.request = SimpleNamespace(AffectedSOPClassUID=sop_class, MessageID=7)
+        self.context = SimpleNamespace(context_id=3, transfer_syntax=transfer_syntax)
         self.identifier = identifier
         self._reads = 0
         self._cancel_after = cancel_after
@@ -92,15 +111,53 @@ def study_query(**keys: Any) -> Dataset:
     return ds
 
 
-def statuses(results: list[Any]) -> list[int]:
-    return [r[0] if isinstance(r[0], int) else int(r[0].Status) for r in results]
+def framed(ev: FakeEvent) -> list[tuple[int, Dataset]]:
+    """(Status, Identifier) of the pending responses the handler framed itself, decoded
+    from the P-DATA-TF bytes it queued on the DUL (checking the framing on the way)."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    out: list[tuple[int, Dataset]] = []
+    implicit = ev.context.transfer_syntax == IMPLICIT_LE
+    command, data = b"", b""
+    for primitive in ev.assoc.dimse.dul.pdus:
+        [(cx, raw)] = primitive.presentation_data_value_list
+        assert cx == ev.context.context_id and type(raw) is find.RawFrames
+        while raw:
+            assert raw[0] == 0x04
+            length = int.from_bytes(raw[2:6], "big")
+            assert length <= (ev.assoc.dimse.maximum_pdu_size or length)
+            body, raw = raw[6:6 + length], raw[6 + length:]
+            while body:
+                n = int.from_bytes(body[:4], "big")
+                assert body[4] == cx
+                control, value, body = body[5], body[6:4 + n], body[4 + n:]
+                if control & 1:
+                    command += value
+                else:
+                    data += value
+                    if control & 2:
+                        cmd = decode(BytesIO(command), True, True)
+                        assert cmd.MessageIDBeingRespondedTo == 7 and cmd.CommandField == 0x8020
+                        out.append((int(cmd.Status),
+                                    decode(BytesIO(data), implicit, True)))
+                        command, data = b"", b""
+    assert not command and not data
+    return out
+
+
+def statuses(results: list[Any], ev: FakeEvent | None = None) -> list[int]:
+    """Pending statuses framed by the handler (when `ev` is given), then what it yielded."""
+    pending = [st for st, _ in framed(ev)] if ev is not None else []
+    return pending + [r[0] if isinstance(r[0], int) else int(r[0].Status) for r in results]
 
 
 def test_find_cancel_stops_the_query(cfg: Any) -> None:
     ev = FakeEvent(study_query(PatientName="DOE*"), STUDY_FIND, {"find"}, cancel_after=1)
     with audit.capture() as records:
         out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
-    assert statuses(out) == [0xFF00, 0xFE00]
+    assert statuses(out, ev) == [0xFF00, 0xFE00]
     assert records[-1]["event"] == "dicom.query" and records[-1]["cancelled"] is True
     assert records[-1]["matches"] == 1
 
@@ -109,7 +166,7 @@ def test_find_cap_is_stated_in_the_final_status(cfg: Any) -> None:
     ev = FakeEvent(study_query(), STUDY_FIND, {"find"})
     with audit.capture() as records:
         out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
-    assert statuses(out) == [0xFF00] * 4 + [0xA700]
+    assert statuses(out, ev) == [0xFF00] * 4 + [0xA700]
     assert "max_results" in out[-1][0].ErrorComment
     assert records[-1]["truncated"] is True and records[-1]["matches"] == 4
 
@@ -118,10 +175,57 @@ def test_find_under_the_cap_succeeds_and_audits_keys_not_values(cfg: Any) -> Non
     ev = FakeEvent(study_query(PatientName="DOE^JANE"), STUDY_FIND, {"find"})
     with audit.capture() as records:
         out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
-    assert statuses(out) == [0xFF00, 0xFF00, 0x0000]
+    assert statuses(out, ev) == [0xFF00, 0xFF00, 0x0000]
+    assert sorted(str(ds.StudyInstanceUID) for _, ds in framed(ev)) == ["1.2.1", "1.2.2"]
     rec = records[-1]
     assert rec["outcome"] == 0 and rec["query_keys"] == ["PatientName"]
     assert "DOE^JANE" not in str(rec)
+
+
+@pytest.mark.parametrize("transfer_syntax", [IMPLICIT_LE, EXPLICIT_LE])
+@pytest.mark.parametrize("max_pdu", [16384, 64, 0])
+def test_find_frames_matches_itself(cfg: Any, transfer_syntax: str, max_pdu: int) -> None:
+    """Matches leave as P-DATA-TF PDUs built here, in the request's transfer syntax and
+    within the peer's maximum PDU length (fragmented when small; 0 = unlimited), one
+    DUL hand-off for all of them; only the final status goes through pynetdicom."""
+    ev = FakeEvent(study_query(PatientName="DOE^JANE", PatientID="", StudyDate=""),
+                   STUDY_FIND, {"find"}, transfer_syntax=transfer_syntax, max_pdu=max_pdu)
+    with audit.capture():
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out, ev) == [0xFF00, 0xFF00, 0x0000]
+    assert len(ev.assoc.dimse.dul.pdus) == 1
+    got = sorted((str(ds.StudyInstanceUID), str(ds.PatientID), str(ds.StudyDate))
+                 for _, ds in framed(ev))
+    assert got == [("1.2.1", "P1", "20240101"), ("1.2.2", "P1", "20240102")]
+    assert all(ds.QueryRetrieveLevel == "STUDY" for _, ds in framed(ev))
+
+
+def test_find_in_another_syntax_yields_datasets(cfg: Any) -> None:
+    ev = FakeEvent(study_query(PatientName="DOE^JANE"), STUDY_FIND, {"find"},
+                   transfer_syntax=BIG_ENDIAN)
+    with audit.capture():
+        out = list(qr.handle_find(ev, FakeServices(cfg)))  # type: ignore[arg-type]
+    assert statuses(out) == [0xFF00, 0xFF00, 0x0000] and not ev.assoc.dimse.dul.pdus
+    assert sorted(str(ds.StudyInstanceUID) for _, ds in out[:2]) == ["1.2.1", "1.2.2"]
+
+
+def test_raw_frames_are_written_as_they_are_by_the_dul() -> None:
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    written: list[bytes] = []
+    originals: list[Any] = []
+    dul = SimpleNamespace(socket=SimpleNamespace(send=written.append),
+                          _send=originals.append)
+    find._install(dul)
+    find._install(dul)  # once per association: a second call changes nothing
+    raw = P_DATA()
+    raw.presentation_data_value_list = [[1, find.RawFrames(b"\x04\x00pdus")]]
+    other = P_DATA()
+    other.presentation_data_value_list = [[1, b"\x03cmd"]]
+    dul._send(P_DATA_TF(raw))
+    dul._send(P_DATA_TF(other))
+    assert written == [b"\x04\x00pdus"] and len(originals) == 1
 
 
 def test_find_not_permitted(cfg: Any) -> None:
@@ -176,7 +280,9 @@ def test_abandoned_requests_are_still_audited(cfg: Any) -> None:
         assert next(gen) == 4
         next(gen)
         gen.close()  # what pynetdicom's abandoning of the generator amounts to
-        find = qr.handle_find(FakeEvent(study_query(), STUDY_FIND, {"find"}),
+        # only matches yielded one by one (a syntax find.py does not frame) can be abandoned
+        find = qr.handle_find(FakeEvent(study_query(), STUDY_FIND, {"find"},
+                                        transfer_syntax=BIG_ENDIAN),
                               FakeServices(cfg))  # type: ignore[arg-type]
         next(find)
         find.close()
@@ -200,7 +306,7 @@ def test_fast_pending_find_command_is_pynetdicoms_bytes(sop_class: str, msg_id: 
     rsp.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
     msg = C_FIND_RSP()
     msg.primitive_to_message(rsp)
-    assert qr.encode_find_pending(sop_class, msg_id) == encode(msg.command_set, True, True)
+    assert find.encode_find_pending(sop_class, msg_id) == encode(msg.command_set, True, True)
 
 
 def test_fast_pending_find_fragments_to_the_peer_pdu_size() -> None:

@@ -1,0 +1,133 @@
+"""Pending C-FIND responses sent as pre-built P-DATA-TF PDUs, many per socket write.
+
+pynetdicom sends a C-FIND handler's matches one by one: per match it encodes the
+Identifier with pydicom, builds a C-FIND-RSP primitive, and its DUL thread turns the
+command and the data set into two P-DATA-TF PDUs, each a socket write (a TLS record).
+Here the handler (`qr.handle_find`) takes identifiers already encoded by
+`store.query.find_encoded` and frames each match as one P-DATA-TF PDU (a command PDV and
+a data set PDV, or fragments when the peer's maximum PDU length is smaller); the PDUs of
+several matches go to the DUL as one primitive and leave in one write. The bytes of each
+PDU are what pynetdicom would send, except that the command and data set share a PDU,
+which PS3.8 9.3.5 allows (pynetdicom and DCMTK read it). The final status still goes
+through pynetdicom, after these (the DUL's queue keeps the order).
+
+All socket I/O stays in the association's DUL thread: `RawFrames` passes through
+`send_pdu` like any P-DATA and a per-association wrapper of `dul._send` writes it as is.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+from pynetdicom.pdu_primitives import P_DATA
+
+from pacsd.scp import status
+
+FLUSH_BYTES = 64 * 1024  # send what is buffered once it reaches this many bytes
+FLUSH_SECONDS = 0.05  # ... or once the oldest buffered match has waited this long
+IMPLICIT_LE = "1.2.840.10008.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class RawFrames(bytes):
+    """Complete, encoded P-DATA-TF PDUs, carried through pynetdicom's DUL queue."""
+
+
+def _cmd_element(elem: int, value: bytes) -> bytes:
+    return struct.pack("<HHI", 0x0000, elem, len(value)) + value
+
+
+def encode_find_pending(sop_class: str, message_id: int) -> bytes:
+    """The C-FIND-RSP command set with Status Pending and an Identifier following,
+    Implicit VR Little Endian (PS3.7 9.3.2.2)."""
+    uid = sop_class.encode("ascii")
+    body = b"".join([
+        _cmd_element(0x0002, uid + b"\0" if len(uid) % 2 else uid),
+        _cmd_element(0x0100, struct.pack("<H", 0x8020)),
+        _cmd_element(0x0120, struct.pack("<H", message_id)),
+        _cmd_element(0x0800, struct.pack("<H", 0x0001)),
+        _cmd_element(0x0900, struct.pack("<H", status.PENDING)),
+    ])
+    return _cmd_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _pdu(pdvs: list[tuple[int, bytes]], context_id: int) -> bytes:
+    """One P-DATA-TF PDU holding the given (message control header, data) PDVs."""
+    items = b"".join(struct.pack(">IBB", len(data) + 2, context_id, control) + data
+                     for control, data in pdvs)
+    return struct.pack(">BBI", 0x04, 0x00, len(items)) + items
+
+
+def frame_pending(command: bytes, identifier: bytes, context_id: int, max_pdu: int) -> bytes:
+    """A pending C-FIND-RSP as P-DATA-TF PDUs: command and identifier in one PDU when it
+    fits the peer's maximum PDU length (0 = no limit), else each in fragments of at most
+    max_pdu - 6 bytes, one PDV per PDU, as pynetdicom fragments (PS3.8 9.3.5, E.2)."""
+    if not max_pdu or len(command) + len(identifier) + 12 <= max_pdu:
+        return _pdu([(0x03, command), (0x02, identifier)], context_id)
+    room = max(max_pdu - 6, 1)
+    out = []
+    for last_flag, data in ((0x03, command), (0x02, identifier)):
+        for offset in range(0, max(len(data), 1), room):
+            last = offset + room >= len(data)
+            out.append(_pdu([(last_flag if last else last_flag & 1, data[offset:offset + room])],
+                            context_id))
+    return b"".join(out)
+
+
+def _install(dul: Any) -> None:
+    """Make this DUL write RawFrames as they are (once per association)."""
+    if getattr(dul, "_pacsd_raw_frames", False):
+        return
+    original = dul._send
+
+    def send(pdu: Any) -> None:
+        items = getattr(pdu, "presentation_data_value_items", None)
+        if items and type(items[0].presentation_data_value) is RawFrames:
+            if dul.socket is not None:
+                dul.socket.send(items[0].presentation_data_value)
+            return
+        original(pdu)
+
+    dul._send = send
+    dul._pacsd_raw_frames = True
+
+
+class PendingSender:
+    """Buffers a request's pending responses and hands them to the DUL in batches."""
+
+    def __init__(self, assoc: Any, context_id: int, sop_class: str, message_id: int) -> None:
+        self._dul = assoc.dimse.dul
+        _install(self._dul)
+        self._context_id = context_id
+        self._max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
+        self._command = encode_find_pending(sop_class, message_id)
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._since = 0.0
+
+    @staticmethod
+    def implicit_vr(transfer_syntax: str) -> bool | None:
+        """True/False for the syntaxes this sender serves, None for any other."""
+        return {IMPLICIT_LE: True, EXPLICIT_LE: False}.get(str(transfer_syntax))
+
+    def add(self, identifier: bytes) -> None:
+        if not self._buffer:
+            self._since = time.monotonic()
+        frames = frame_pending(self._command, identifier, self._context_id, self._max_pdu)
+        self._buffer.append(frames)
+        self._size += len(frames)
+        if self._size >= FLUSH_BYTES or time.monotonic() - self._since >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        pdata = P_DATA()
+        frames = RawFrames(b"".join(self._buffer))
+        # pynetdicom's setter wants [ID, PDV] lists (its annotation says tuples)
+        pdata.presentation_data_value_list = [[self._context_id, frames]]  # type: ignore[list-item]
+        self._dul.send_pdu(pdata)
+        self._buffer.clear()
+        self._size = 0
