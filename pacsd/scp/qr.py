@@ -223,6 +223,9 @@ class _Replies:
                 and primitive.MessageIDBeingRespondedTo is not None):
             self._pending_find(primitive, context_id)
             return
+        if type(primitive) in (C_MOVE, C_GET) and _plain_pending(primitive):
+            self._pending_retrieve(primitive, context_id)
+            return
         if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (
                 status.PENDING, status.PENDING_WARNING):
             with self._lock:
@@ -231,6 +234,18 @@ class _Replies:
                 fn(primitive)
         self._send(primitive, context_id)
 
+
+    def _pending_retrieve(self, rsp: Any, context_id: int) -> None:
+        """A pending C-MOVE/C-GET-RSP (one after every sub-operation) encoded by hand:
+        same bytes as pynetdicom's, without a pydicom encoder run each time."""
+        cmd = sender.encode_retrieve_pending(
+            0x8021 if type(rsp) is C_MOVE else 0x8010, str(rsp.AffectedSOPClassUID),
+            int(rsp.MessageIDBeingRespondedTo), int(rsp.NumberOfRemainingSuboperations),
+            int(rsp.NumberOfCompletedSuboperations), int(rsp.NumberOfFailedSuboperations),
+            int(rsp.NumberOfWarningSuboperations))
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]  # type: ignore[list-item]
+        self._dimse.dul.send_pdu(pdata)
 
     def _pending_find(self, rsp: Any, context_id: int) -> None:
         """A pending C-FIND-RSP without pynetdicom's per-message pydicom encoding of the
@@ -251,6 +266,18 @@ class _Replies:
             pdv = [context_id, (b"\x02" if last else b"\x00") + data[offset:offset + chunk]]
             pdata.presentation_data_value_list = [pdv]  # type: ignore[list-item]
             dimse.dul.send_pdu(pdata)
+
+
+def _plain_pending(rsp: Any) -> bool:
+    """A pending C-MOVE/C-GET-RSP as pynetdicom sends one after each sub-operation: the
+    four counts, no identifier, no comment (anything else takes pynetdicom's encoder)."""
+    return (rsp.Status == status.PENDING and rsp.MessageIDBeingRespondedTo is not None
+            and rsp.AffectedSOPClassUID is not None and rsp.Identifier is None
+            and rsp.ErrorComment is None
+            and None not in (rsp.NumberOfRemainingSuboperations,
+                             rsp.NumberOfCompletedSuboperations,
+                             rsp.NumberOfFailedSuboperations,
+                             rsp.NumberOfWarningSuboperations))
 
 
 def _refusal(code: int, comment: str) -> Callable[[Any], None]:

@@ -144,6 +144,27 @@ def encode_store_rq(sop_class: str, sop_instance: str, message_id: int, priority
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+def encode_retrieve_pending(command_field: int, sop_class: str, message_id: int,
+                            remaining: int, completed: int, failed: int,
+                            warning: int) -> bytes:
+    """A pending C-MOVE-RSP (0x8021) or C-GET-RSP (0x8010) command set without an
+    Identifier, Implicit VR Little Endian (PS3.7 9.3.3.2, 9.3.4.2), as pynetdicom
+    encodes the one it sends after each sub-operation."""
+    us = struct.Struct("<H").pack
+    body = b"".join([
+        _element(0x0002, _ui(sop_class)),
+        _element(0x0100, us(command_field)),
+        _element(0x0120, us(message_id)),
+        _element(0x0800, us(0x0101)),
+        _element(0x0900, us(0xFF00)),
+        _element(0x1020, us(remaining)),
+        _element(0x1021, us(completed)),
+        _element(0x1022, us(failed)),
+        _element(0x1023, us(warning)),
+    ])
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 # --------------------------------------------------------------------------- DUL hook
 class _Frames:
     """Pre-framed P-DATA-TF PDUs riding through the DUL as one P-DATA primitive."""
@@ -333,5 +354,5 @@ def _read_exact(f: IO[bytes], view: memoryview) -> None:
         got += n
 
 
-__all__ = ["FileMeta", "Unsupported", "encode_store_rq", "read_meta", "resume",
-           "send_c_store"]
+__all__ = ["FileMeta", "Unsupported", "encode_retrieve_pending", "encode_store_rq",
+           "read_meta", "resume", "send_c_store"]

@@ -24,8 +24,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import split_dataset
 
 from pacsd.scp import sender
@@ -67,6 +67,51 @@ def test_store_rq_equals_pynetdicom(aet: str | None, orig_id: int | None,
     mine = sender.encode_store_rq(p.AffectedSOPClassUID, p.AffectedSOPInstanceUID, 4242,
                                   priority, aet, orig_id)
     assert mine == ref
+
+
+@pytest.mark.parametrize("kind", [C_MOVE, C_GET])
+@pytest.mark.parametrize("counts", [(999, 1, 0, 0), (0, 65535, 0, 0), (3, 4, 5, 6)])
+def test_pending_retrieve_rsp_equals_pynetdicom(kind: type, counts: tuple[int, ...]) -> None:
+    rsp = kind()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    rsp.Status = 0xFF00
+    rsp.Identifier = None
+    (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+     rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = counts
+    msg = (C_MOVE_RSP if kind is C_MOVE else C_GET_RSP)()
+    msg.primitive_to_message(rsp)
+    ref = [p.presentation_data_value_list[0][1] for p in msg.encode_msg(3, 16384)]
+    assert len(ref) == 1 and ref[0][:1] == b"\x03"  # the command set only, no dataset
+    mine = sender.encode_retrieve_pending(0x8021 if kind is C_MOVE else 0x8010,
+                                          rsp.AffectedSOPClassUID, 7, *counts)
+    assert mine == ref[0][1:]
+    # and qr's reply filter sends exactly that for such a response, pynetdicom the rest
+    from pacsd.scp import qr
+
+    sent: list[bytes] = []
+    passed: list[Any] = []
+
+    class Dul:
+        def send_pdu(self, p: Any) -> None:
+            sent.append(p.presentation_data_value_list[0][1])
+
+    class Dimse:
+        dul = Dul()
+
+        def send_msg(self, p: Any, cx: int) -> None:
+            passed.append(p)
+
+    class Assoc:
+        dimse = Dimse()
+
+    assoc = Assoc()
+    qr._Replies.of(assoc)
+    assoc.dimse.send_msg(rsp, 3)
+    assert sent == ref and passed == []
+    rsp.Status = 0x0000  # a final response is pynetdicom's to encode
+    assoc.dimse.send_msg(rsp, 3)
+    assert passed == [rsp] and sent == ref
 
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
