@@ -17,6 +17,9 @@ log = logging.getLogger("pacsd.handlers")
 def handle_accepted(event: Any, services: Services) -> None:
     state: AssocState = event.assoc.pacsd_state
     state.accepted = True
+    from pacsd.scp import faststore
+
+    faststore.attach(event.assoc, services, state)
     audit.record(audit.Event("assoc.accepted"), audit.Outcome.SUCCESS,
                  contexts=len(event.assoc.accepted_contexts), **state.audit_context())
 
@@ -43,24 +46,41 @@ def handle_echo(event: Any, services: Services) -> int:
 
 
 def handle_store(event: Any, services: Services) -> Dataset | int:
-    """EVT_C_STORE: the dataset already sits in a SpoolFile under the object root."""
-    from pacsd.store.ingest import Origin
+    """EVT_C_STORE: the dataset already sits in a SpoolFile under the object root.
 
+    Most C-STOREs never get here: scp/faststore.py takes them from the socket to
+    `store_spool` in the receiving thread. This is the path for the rest (a command set
+    split over PDUs, extended negotiation, ...)."""
     state: AssocState = event.assoc.pacsd_state
     req = event.request
     spool = req._dataset_file
     if spool is None:  # chunked receive is always on; a C-STORE without a dataset
         services.tally_store(state, "", False, 0, "no dataset")
         return status.dataset(status.CANNOT_UNDERSTAND, "C-STORE without a dataset")
+    code, comment = store_spool(services, state, spool,
+                                sop_class_uid=str(req.AffectedSOPClassUID or ""),
+                                sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
+                                transfer_syntax=str(event.context.transfer_syntax))
+    return status.dataset(code, comment) if comment else code
+
+
+def store_spool(services: Services, state: AssocState, spool: Any, *, sop_class_uid: str,
+                sop_instance_uid: str, transfer_syntax: str) -> tuple[int, str]:
+    """Gate 5, then ingest one received dataset and tally it for the dicom.store record.
+
+    Returns (DIMSE status, error comment for the response or ""); the spool is consumed.
+    """
+    from pacsd.store.ingest import Origin
+
     if not services.permitted(state, "store"):
         spool.abort()
         services.refuse_request(state, "store")
-        return status.REFUSED_NOT_AUTHORIZED
+        return status.REFUSED_NOT_AUTHORIZED, ""
     result = services.store.ingest(
         spool,
-        sop_class_uid=str(req.AffectedSOPClassUID or ""),
-        sop_instance_uid=str(req.AffectedSOPInstanceUID or ""),
-        transfer_syntax=str(event.context.transfer_syntax),
+        sop_class_uid=sop_class_uid,
+        sop_instance_uid=sop_instance_uid,
+        transfer_syntax=transfer_syntax,
         origin=Origin(calling_ae=state.calling_ae, source_ip=state.source_ip,
                       username=state.user or "", assoc_id=state.assoc_id),
     )
@@ -68,5 +88,5 @@ def handle_store(event: Any, services: Services) -> Dataset | int:
     services.tally_store(state, result.study_uid, ok, result.size, result.message)
     if not ok:
         log.info("store refused from %s: %s", state.calling_ae, result.message)
-        return status.dataset(result.status, result.message)
-    return result.status
+        return result.status, result.message[:64]
+    return result.status, ""

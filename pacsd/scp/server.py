@@ -113,6 +113,10 @@ def _drop_partial(assoc: Any) -> None:
     if spool is not None and hasattr(spool, "abort"):
         with contextlib.suppress(Exception):
             spool.abort()
+    fast = getattr(assoc, "pacsd_fast", None)  # scp/faststore.py
+    if fast is not None:
+        with contextlib.suppress(Exception):
+            fast.close()
 
 
 def _flushed(assoc: Any, timeout: float = 2.0) -> None:

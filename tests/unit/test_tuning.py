@@ -35,10 +35,13 @@ def test_patched_pynetdicom_names_exist() -> None:
     """Guards an upgrade of pynetdicom: every method tuning.py replaces must still exist."""
     for cls, name in ((DULServiceProvider, "run_reactor"), (DULServiceProvider, "send_pdu"),
                       (DULServiceProvider, "kill_dul"), (Association, "_run_reactor"),
-                      (AssociationSocket, "recv"), (DIMSEServiceProvider, "send_msg")):
+                      (AssociationSocket, "recv"), (DIMSEServiceProvider, "send_msg"),
+                      (DULServiceProvider, "_read_pdu_data"),
+                      (DULServiceProvider, "_decode_pdu")):
         assert callable(getattr(cls, name))
     for name in ("_process_recv_primitive", "_is_transport_event", "artim_timer",
-                 "to_provider_queue", "event_queue", "_idle_timer"):
+                 "to_provider_queue", "event_queue", "_idle_timer", "_recv_pdu",
+                 "state_machine"):
         assert name in DULServiceProvider.__init__.__code__.co_names or hasattr(
             DULServiceProvider, name), name
 
@@ -68,3 +71,25 @@ def test_fast_send_msg_produces_a_pdu_pynetdicom_encodes() -> None:
     raw = pdu.encode()
     assert raw[0] == 0x04  # P-DATA-TF
     assert raw.endswith(tuning.encode_store_rsp(p.AffectedSOPClassUID, 3, 0, "1.2.3.4"))
+
+
+def test_context_copy_is_independent_and_equal_to_deepcopy() -> None:
+    """Each association gets its own contexts, as with pynetdicom's deepcopy."""
+    import copy
+
+    from pynetdicom import transport
+
+    from pacsd.app import build_ae
+    from pacsd.config import Config
+
+    tuning.apply()
+    assert transport.deepcopy is tuning.copy_contexts  # what _create_association calls
+    src = build_ae(Config()).supported_contexts
+    mine, ref = tuning.copy_contexts(src), copy.deepcopy(src)
+    assert [vars(c) for c in mine] == [vars(c) for c in ref]
+    mine[0].transfer_syntax = ["1.2.840.10008.1.2"]
+    mine[0].context_id = 7
+    mine[0].result = 0
+    assert src[0].transfer_syntax != ["1.2.840.10008.1.2"] and src[0].context_id is None
+    assert src[0].result is None
+    assert tuning.copy_contexts({"a": [1]}) == {"a": [1]}
