@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 
 from pacsd.config import Config
-from pacsd.store import filemeta
+from pacsd.store import filemeta, scan
 from pacsd.store.index import open_index_db
 from pacsd.store.objects import READ_CHUNK, ObjectStore, SpoolFile
 
@@ -54,7 +54,7 @@ DUPLICATE_REJECTED = 0x0111
 
 _MB = 1024 * 1024
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-_LAST_INDEXED_TAG = 0x0020FFFF  # every attribute the index keeps is in groups <= 0x0020
+_LAST_INDEXED_TAG = scan.LAST_INDEXED_TAG
 
 
 def valid_uid(uid: str) -> bool:
@@ -179,10 +179,10 @@ def _uid(ds: Dataset, tag: int) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int(text: str) -> int | None:
     """An IS value as int; None when absent, multi-valued or not a number."""
     try:
-        return int(_text(ds, keyword))
+        return int(text)
     except ValueError:
         return None
 
@@ -203,35 +203,57 @@ class _Header:
 
 
 def _header(ds: Dataset) -> _Header:
-    name = _text(ds, "PatientName")
-    referring = _text(ds, "ReferringPhysicianName")
+    """The indexed attributes of a dataset pydicom parsed."""
+    return _make_header(lambda keyword: _text(ds, keyword), lambda tag: _uid(ds, tag))
+
+
+def _scanned_header(spool: SpoolFile) -> _Header | None:
+    """The same from the raw head without pydicom (store/scan.py); None: use pydicom."""
+    values = scan.scan(spool.head, spool.head_complete)
+    if values is None:
+        return None
+
+    def text(keyword: str) -> str:
+        raw = values.get(keyword)
+        return "" if raw is None else raw.decode("ascii").strip(" \x00")
+
+    def uid(tag: int) -> str:
+        raw = values.get(scan.WANTED[tag])
+        return "" if raw is None else raw.rstrip(b"\x00 ").decode("ascii").strip()
+
+    return _make_header(text, uid)
+
+
+def _make_header(text: Callable[[str], str], uid: Callable[[int], str]) -> _Header:
+    name = text("PatientName")
+    referring = text("ReferringPhysicianName")
     return _Header(
-        sop_class_uid=_uid(ds, 0x00080016),
-        sop_instance_uid=_uid(ds, 0x00080018),
-        study_uid=_uid(ds, 0x0020000D),
-        series_uid=_uid(ds, 0x0020000E),
-        charset=_text(ds, "SpecificCharacterSet"),
+        sop_class_uid=uid(0x00080016),
+        sop_instance_uid=uid(0x00080018),
+        study_uid=uid(0x0020000D),
+        series_uid=uid(0x0020000E),
+        charset=text("SpecificCharacterSet"),
         patient={
-            "patient_id": _text(ds, "PatientID"),
-            "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),
+            "patient_id": text("PatientID"),
+            "issuer_of_patient_id": text("IssuerOfPatientID"),
             "patient_name": name,
             "patient_name_upper": name.upper(),
-            "patient_birth_date": _text(ds, "PatientBirthDate"),
-            "patient_sex": _text(ds, "PatientSex"),
+            "patient_birth_date": text("PatientBirthDate"),
+            "patient_sex": text("PatientSex"),
         },
         study={
-            "study_date": _text(ds, "StudyDate"),
-            "study_time": _text(ds, "StudyTime"),
-            "accession_number": _text(ds, "AccessionNumber"),
-            "study_id": _text(ds, "StudyID"),
-            "study_description": _text(ds, "StudyDescription"),
+            "study_date": text("StudyDate"),
+            "study_time": text("StudyTime"),
+            "accession_number": text("AccessionNumber"),
+            "study_id": text("StudyID"),
+            "study_description": text("StudyDescription"),
             "referring_physician_name": referring,
             "referring_physician_name_upper": referring.upper(),
         },
-        modality=_text(ds, "Modality"),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription"),
-        instance_number=_int(ds, "InstanceNumber"),
+        modality=text("Modality"),
+        series_number=_int(text("SeriesNumber")),
+        series_description=text("SeriesDescription"),
+        instance_number=_int(text("InstanceNumber")),
     )
 
 
@@ -383,8 +405,7 @@ class Store:
                 raise _Refused(OUT_OF_RESOURCES, "free space below storage.min_free_mb="
                                f"{self.cfg.storage.min_free_mb}")
             try:
-                ds = _parse_header(spool)
-                h = _header(ds)
+                h = _scanned_header(spool) or _header(_parse_header(spool))
             except Exception as exc:
                 raise _Refused(CANNOT_UNDERSTAND,
                                f"dataset does not parse: {str(exc)[:200]}") from None

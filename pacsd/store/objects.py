@@ -40,6 +40,7 @@ READ_CHUNK = 1024 * 1024
 _MEMFD_MAX = 32 * 1024 * 1024  # decrypted reads up to this size stay in memory (memfd)
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
+PUBLISH_PREFIX = "pub-"  # root/.tmp/pub-<sha256>.tmp: a spool being published (publish())
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -231,12 +232,22 @@ class SpoolFile:
             raise ValueError("spool file is closed")
         return self._fd
 
-    def finish(self) -> str:
-        """Flush, fsync and fix the digest; the file stays open (and locked). Returns sha256."""
+    def digest(self) -> str:
+        """Flush to the OS (no fsync) and fix the digest; the file stays open. sha256."""
         if self._digest is None:
             self.flush()
             self._seal_final()
             self._digest = self._hash.hexdigest()
+        return self._digest
+
+    def rename(self, name: str) -> None:
+        """Move the temp file to another name in the same directory (open, locked)."""
+        os.rename(self.name, name)  # noqa: PTH104 - str paths on the hot path
+        self.name = name
+
+    def finish(self) -> str:
+        """Flush, fsync and fix the digest; the file stays open (and locked). Returns sha256."""
+        self.digest()
         if not self.synced and self._fd is not None:
             _fsync(self._fd)
             self.synced = True
@@ -323,6 +334,7 @@ class ObjectStore:
         written as envelopes under the keyring's current version (needs `keys`)."""
         self.root = Path(root)
         self.tmp = self.root / TMP_DIR
+        self._root, self._tmp = str(self.root), str(self.tmp)  # the hot path joins strings
         self._known_dirs: set[str] = set()
         self._keys = keys
         self.encrypt = encrypt
@@ -369,43 +381,68 @@ class ObjectStore:
             return SpoolFile(self.tmp, limit=limit, sealer=Sealer(version, dek), dek=dek)
         return SpoolFile(self.tmp, limit=limit)
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: Path | str) -> list[str]:
+        """Create the directory (and its parent) if missing, without fsync; returns the
+        parents whose new entries the caller must make durable."""
         key = str(directory)
         if key in self._known_dirs:
-            return
-        created = []
-        for d in (directory.parent, directory):
+            return []
+        parents = []
+        parent = key.rsplit("/", 1)[0]
+        for d in (parent, key):
             try:
-                d.mkdir(0o700)
-                created.append(d)
+                os.mkdir(d, 0o700)  # noqa: PTH102 - str paths on the hot path
+                parents.append(d.rsplit("/", 1)[0])
             except FileExistsError:
                 pass
-        for d in created:  # a new directory entry must be durable too
-            _sync_directory(d.parent)
         self._known_dirs.add(key)
+        return parents
 
     def publish(self, spool: SpoolFile) -> Path:
-        """fsync the spool and hard-link it at its content address; fsync the directory.
+        """Hard-link the spool at its content address and make it durable: the file,
+        its directory entry and any directory created for it.
 
-        The temp name stays as a marker until the caller has committed the index row and
-        calls spool.abort() (which then only drops the marker): a crash in between leaves
-        a temp file with a second link, and the next sweep removes both when no row
-        references the object. An object with the same digest already there is replaced
-        by this identical, freshly written copy (which also heals a damaged one).
-        Raises OSError.
+        The spool is first renamed to root/.tmp/pub-<sha256>.tmp and keeps that name as a
+        marker until the caller has committed the index row and calls spool.abort()
+        (which then only drops the marker): a crash in between leaves the marker with a
+        second link, and the next sweep removes both when no row references the object
+        (the name says where the object is even if power was lost before its bytes
+        reached the disk). A new object is linked before the one fsync of its data, so
+        on a journalling file system that fsync also commits the new directory entries
+        and the directory fsyncs after it find nothing left to write. An object with
+        the same digest already there is replaced only after this copy is on disk (which
+        also heals a damaged one). Raises OSError.
         """
-        sha = spool.finish()
-        dest = self.path_for(sha)
-        self._ensure_dir(dest.parent)
+        sha = spool.digest()
+        if not is_sha256(sha):
+            raise ValueError(f"not a SHA-256 hex digest: {sha[:80]!r}")
+        directory = f"{self._root}/{sha[0:2]}/{sha[2:4]}"
+        dest = f"{directory}/{sha}{SUFFIX}"
+        spool.rename(f"{self._tmp}/{PUBLISH_PREFIX}{sha}.tmp")
+        parents = self._ensure_dir(directory)
         try:
-            self._link_or_replace(spool.name, dest)
+            linked = self._link_new(spool, dest)
         except FileNotFoundError:
             # the directory vanished under us (e.g. removed by an operator): recreate once
-            self._known_dirs.discard(str(dest.parent))
-            self._ensure_dir(dest.parent)
-            self._link_or_replace(spool.name, dest)
-        _sync_directory(dest.parent)
-        return dest
+            self._known_dirs.discard(directory)
+            parents += self._ensure_dir(directory)
+            linked = self._link_new(spool, dest)
+        spool.finish()
+        if not linked:
+            os.replace(spool.name, dest)  # noqa: PTH105 - str paths on the hot path
+        _sync_directory(directory)
+        for d in parents:  # a new directory entry must be durable too
+            _sync_directory(d)
+        return Path(dest)
+
+    @staticmethod
+    def _link_new(spool: SpoolFile, dest: str) -> bool:
+        """Link the spool at dest; False when an object is already there."""
+        try:
+            os.link(spool.name, dest)
+        except FileExistsError:
+            return False
+        return True
 
     def replace_with(self, spool: SpoolFile) -> Path:
         """Atomically put a finished spool in place of the object of the same digest
@@ -413,17 +450,12 @@ class ObjectStore:
         never a mix. Used by rewrap and encrypt-existing. Raises OSError."""
         sha = spool.finish()
         dest = self.path_for(sha)
-        self._ensure_dir(dest.parent)
+        parents = self._ensure_dir(dest.parent)
         Path(spool.name).replace(dest)
         _sync_directory(dest.parent)
+        for d in parents:
+            _sync_directory(d)
         return dest
-
-    @staticmethod
-    def _link_or_replace(src: str, dest: Path) -> None:
-        try:
-            os.link(src, dest)
-        except FileExistsError:
-            Path(src).replace(dest)
 
     @contextlib.contextmanager
     def removal_marker(self, sha256: str) -> Iterator[None]:
@@ -598,7 +630,16 @@ class ObjectStore:
         removed = 0
         for p in list(self.temp_leftovers()):
             try:
-                if p.stat().st_nlink > 1 and is_referenced is not None:
+                named = p.name[len(PUBLISH_PREFIX):-len(".tmp")]
+                if (p.name.startswith(PUBLISH_PREFIX) and is_sha256(named)
+                        and is_referenced is not None):
+                    # the object may hold less than its name says (power lost before
+                    # its fsync); the marker names it, and no row may point to it yet
+                    dest = self.path_for(named)
+                    if (p.stat().st_nlink > 1 and dest.exists() and dest.samefile(p)
+                            and not is_referenced(named)):
+                        self.remove(named)
+                elif p.stat().st_nlink > 1 and is_referenced is not None:
                     try:
                         sha = self.hash_object(p)
                     except Exception:  # an envelope we cannot open: leave the object

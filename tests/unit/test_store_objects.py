@@ -173,3 +173,49 @@ def test_abandoned_spool_is_removed_when_dropped(tmp_path: Path) -> None:
     del sp
     gc.collect()
     assert not name.exists()  # abort() closes the descriptor before it unlinks
+
+
+def test_publish_marker_names_the_object_for_the_sweep(tmp_path: Path) -> None:
+    """A process that dies between publish and the index commit leaves root/.tmp/pub-<sha>;
+    the sweep removes it and the object even when the object's bytes never reached the
+    disk (power loss before the fsync: the content no longer hashes to its name)."""
+    store = ObjectStore(tmp_path / "objects")
+    store.ensure()
+    sp = store.spool()
+    sp.write(b"an object whose index row was never committed")
+    dest = store.publish(sp)
+    assert Path(sp.name).name == f"pub-{dest.stem}.tmp"
+    assert Path(sp.name).stat().st_nlink == 2
+    sp.close()  # the process died: its lock is gone, the marker stays
+    dest.write_bytes(b"")  # what a power loss before the data fsync may leave
+    keep = store.spool()
+    keep.write(b"another object, indexed")
+    kept = store.publish(keep)
+    keep.abort()  # committed: the marker goes, the object stays
+    assert store.sweep_tmp(lambda sha: sha == kept.stem) == 1
+    assert not dest.exists()
+    assert kept.exists()
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_publish_over_an_existing_object_replaces_it_only_after_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ObjectStore(tmp_path / "objects")
+    store.ensure()
+    first = store.spool()
+    first.write(b"same bytes")
+    dest = store.publish(first)
+    first.abort()
+    dest.chmod(0o600)
+    dest.write_bytes(b"damaged")  # healed by the next identical object
+    order: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (order.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: (order.append("replace"), real_replace(a, b))[1])
+    again = store.spool()
+    again.write(b"same bytes")
+    assert store.publish(again) == dest
+    again.abort()
+    assert dest.read_bytes() == b"same bytes"
+    assert order.index("fsync") < order.index("replace")
