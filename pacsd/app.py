@@ -46,6 +46,9 @@ def _configure_pynetdicom(services: Services) -> None:
     dimse_messages.create_file_meta = filemeta.create_meta_uids  # type: ignore[attr-defined,assignment]
     dimse_messages.write_file_meta_info = filemeta.write_meta_uids  # type: ignore[attr-defined,assignment]
     _config.LOG_HANDLER_LEVEL = "none"
+    # Q/R identifiers (PHI) are not decoded and pretty-printed a second time for a log
+    # line that is never written (~0.2 ms per C-FIND); the handlers decode them once.
+    _config.LOG_REQUEST_IDENTIFIERS = False
     # Wait for work instead of sleep-polling; whole-PDU socket reads; hand-encoded
     # C-STORE-RSP (scp/tuning.py).
     tuning.apply()

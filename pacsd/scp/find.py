@@ -103,6 +103,10 @@ class PendingSender:
         self._context_id = context_id
         self._max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
         self._command = encode_find_pending(sop_class, message_id)
+        # what every match's PDU repeats: the command PDV, and the data PDV's ID + header
+        self._command_pdv = struct.pack(">IBB", len(self._command) + 2, context_id, 0x03) \
+            + self._command
+        self._data_id = bytes([context_id, 0x02])
         self._buffer: list[bytes] = []
         self._size = 0
         self._since = 0.0
@@ -113,11 +117,18 @@ class PendingSender:
         return {IMPLICIT_LE: True, EXPLICIT_LE: False}.get(str(transfer_syntax))
 
     def add(self, identifier: bytes) -> None:
+        """Queue one match (frame_pending's bytes; its one-PDU case inlined here)."""
         if not self._buffer:
             self._since = time.monotonic()
-        frames = frame_pending(self._command, identifier, self._context_id, self._max_pdu)
-        self._buffer.append(frames)
-        self._size += len(frames)
+        n = len(identifier)
+        length = len(self._command_pdv) + 6 + n
+        if self._max_pdu and length > self._max_pdu:
+            frames = frame_pending(self._command, identifier, self._context_id, self._max_pdu)
+            self._buffer.append(frames)
+        else:
+            self._buffer += (_PDU_HEAD(0x04, 0x00, length), self._command_pdv,
+                             _LENGTH(n + 2), self._data_id, identifier)
+        self._size += length + 6
         if self._size >= FLUSH_BYTES or time.monotonic() - self._since >= FLUSH_SECONDS:
             self.flush()
 
@@ -131,3 +142,7 @@ class PendingSender:
         self._dul.send_pdu(pdata)
         self._buffer.clear()
         self._size = 0
+
+
+_PDU_HEAD = struct.Struct(">BBI").pack
+_LENGTH = struct.Struct(">I").pack

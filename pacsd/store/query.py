@@ -504,6 +504,7 @@ _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR",
                        "UT", "UV"})
 _SPLIT_LIST = frozenset({"ModalitiesInStudy", "SOPClassesInStudy"})
+_TEXT, _LIST, _NUMBER, _OTHER = range(4)  # how _Encoder writes a row value (by key)
 
 
 class _Encoder:
@@ -529,15 +530,25 @@ class _Encoder:
         charset = _charset_for([], query.charset)  # what an all-ASCII row declares
         if charset:
             const.SpecificCharacterSet = charset
-        # (tag, constant bytes or None, row column, key); in tag order as pydicom writes
+        # in tag order, as pydicom writes: (tag, constant bytes) or (tag, key, column)
         slots: list[tuple[int, bytes | None, int, Key | None]] = [
             (int(e.tag), self._pydicom_element(const, int(e.tag)), -1, None) for e in const]
         for column, k in enumerate(plan.returned):
             if k.tag not in const:
                 slots.append((k.tag, None, column, k))
         slots.sort(key=lambda slot: slot[0])
-        self.slots = slots
-        self.headers = {k.tag: self._header(k.tag, k.vr) for *_, k in slots if k is not None}
+        # per slot: constant bytes, or (column, header, length packer, pad byte, kind)
+        self.steps: list[bytes | tuple[int, bytes, Any, bytes, int]] = []
+        for tag, data, column, k in slots:
+            if data is not None:
+                self.steps.append(data)
+                continue
+            assert k is not None
+            head, fmt = self._header(tag, k.vr)
+            kind = (_OTHER if k.vr not in _TEXT_VRS else _LIST if k.keyword in _SPLIT_LIST
+                    else _NUMBER if k.vr in ("IS", "DS") else _TEXT)
+            self.steps.append((column, head, struct.Struct(fmt).pack,
+                               b"\0" if k.vr == "UI" else b" ", kind))
 
     def _pydicom_element(self, ds: Dataset, tag: int) -> bytes:
         one = Dataset()
@@ -555,32 +566,34 @@ class _Encoder:
 
     def encode(self, row: tuple[Any, ...]) -> bytes | None:
         parts: list[bytes] = []
-        for tag, const, column, k in self.slots:
-            if const is not None:
-                parts.append(const)
+        append = parts.append
+        for step in self.steps:
+            if type(step) is bytes:
+                append(step)
                 continue
-            assert k is not None
+            column, head, pack, pad, kind = step  # type: ignore[misc]
             raw = row[column]
             if raw is None or raw == "":
-                text = ""
-            elif k.vr not in _TEXT_VRS:
-                return None
-            elif isinstance(raw, str):
-                split = k.keyword in _SPLIT_LIST
-                text = "\\".join(sorted(set(raw.split(",")))) if split else raw
-            elif isinstance(raw, int) and k.vr in ("IS", "DS"):
-                text = str(raw)
+                append(head + pack(0))
+                continue
+            if type(raw) is str:
+                if kind == _OTHER:
+                    return None  # not a text VR: pydicom's business
+                if kind == _LIST:
+                    raw = "\\".join(sorted(set(raw.split(","))))
+                if not raw.isascii():
+                    return None
+                value = raw.encode("ascii")
+            elif type(raw) is int and kind == _NUMBER:
+                value = str(raw).encode("ascii")
             else:
                 return None
-            if not text.isascii():
-                return None
-            value = text.encode("ascii")
             if len(value) % 2:
-                value += b"\0" if k.vr == "UI" else b" "
-            head, fmt = self.headers[tag]
-            if fmt == "<H" and len(value) > 0xFFFF:
+                value += pad
+            try:
+                append(head + pack(len(value)) + value)
+            except struct.error:  # longer than a 16-bit length holds
                 return None
-            parts.append(head + struct.pack(fmt, len(value)) + value)
         return b"".join(parts)
 
 

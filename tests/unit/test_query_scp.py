@@ -335,3 +335,20 @@ def test_fast_pending_find_fragments_to_the_peer_pdu_size() -> None:
     final.Status = 0x0000
     dimse.send_msg(final, 5)
     assert sent[-1] == ("slow", final) and replies is not None
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 120, 40])
+def test_sender_batches_what_frame_pending_frames(max_pdu: int) -> None:
+    dul = FakeDul()
+    assoc = SimpleNamespace(dimse=SimpleNamespace(dul=dul, maximum_pdu_size=max_pdu))
+    pending = find.PendingSender(assoc, 5, STUDY_FIND, 9)
+    ids = [bytes(range(n)) for n in (0, 1, 30, 101)]
+    for i in ids:
+        pending.add(i)
+    assert not dul.pdus  # buffered until flushed (or 64 KiB / 50 ms)
+    pending.flush()
+    pending.flush()  # nothing left: nothing sent
+    command = find.encode_find_pending(STUDY_FIND, 9)
+    [(cx, raw)] = dul.pdus[0].presentation_data_value_list
+    assert len(dul.pdus) == 1 and cx == 5
+    assert raw == b"".join(find.frame_pending(command, i, 5, max_pdu) for i in ids)
