@@ -309,6 +309,12 @@ class _Retrieval:
         objects = getattr(services.store, "objects", None)
         self.tmp_dir = getattr(objects, "tmp", None)
         self.fast = 0  # sub-operations sent by scp/sender.py (the rest by pynetdicom)
+        self.ahead = retrieve.VerifyAhead(services.store, [])
+
+    def plan(self, selected: list[Selected]) -> None:
+        """The instances to send, in the order the sub-operations will go."""
+        self.tally.selected = len(selected)
+        self.ahead = retrieve.VerifyAhead(self.services.store, selected)
 
     def placeholder(self, sel: Selected) -> Dataset:
         ds = Dataset()
@@ -342,7 +348,7 @@ class _Retrieval:
             self.tally.done(sel, "failure")
             raise PermissionError(self.refused_destination)
         try:
-            with retrieve.verified_open(self.services.store, sel.sha256) as f:
+            with contextlib.closing(self.ahead.open(sel)) as f:
                 try:
                     # stored transfer syntax accepted: framed straight from the file
                     rsp = sender.send_c_store(assoc, f, **_store_args(*args, **kwargs))
@@ -390,6 +396,7 @@ class _Retrieval:
         if self.finished:
             return
         self.finished = True
+        self.ahead.close()
         t = self.tally
         if outcome is None:
             if t.failed == 0 and t.remaining == 0:
@@ -482,7 +489,7 @@ def handle_get(event: Any, services: Services) -> Iterator[Any]:
                  else audit.Outcome.MINOR, reason=refusal[1])
         yield 0
         return
-    r.tally.selected = len(selected)
+    r.plan(selected)
     r.wrap(event.assoc)
     yield len(selected)
     if not selected:
@@ -572,7 +579,7 @@ def handle_move(event: Any, services: Services) -> Iterator[Any]:
         r.finish(audit.Outcome.SERIOUS, reason="destination address invalid")
         yield None, None
         return
-    r.tally.selected = len(selected)
+    r.plan(selected)
     kwargs = {
         "tls_args": (services.client_tls, None),
         "contexts": _contexts(selected) if selected else None,

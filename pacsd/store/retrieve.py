@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -26,8 +27,8 @@ from typing import IO, Any, Protocol
 from pacsd.store.objects import READ_CHUNK, IntegrityError
 from pacsd.store.query import Query, Selected, select_instances
 
-__all__ = ["IntegrityError", "Selected", "Tally", "path_of", "select", "verified_open",
-           "verified_source"]
+__all__ = ["IntegrityError", "Selected", "Tally", "VerifyAhead", "path_of", "select",
+           "verified_open", "verified_source"]
 
 MAX_SUBOPERATIONS = 65535  # the response counts are US (PS3.4 C.4.2.3)
 _PROC_FD = Path("/proc/self/fd")
@@ -79,7 +80,9 @@ def path_of(f: IO[bytes], tmp_dir: Path | None = None) -> Iterator[str]:
     if fd is not None and _PROC_FD.is_dir():
         yield str(_PROC_FD / str(fd))
         return
-    f.seek(0)
+    seek = getattr(f, "seek", None)
+    if seek is not None:  # a sender may have read from it already
+        seek(0)
     with _private_copy(f, tmp_dir) as path:
         yield path
 
@@ -109,6 +112,63 @@ def _private_copy(f: Any, tmp_dir: Path | None) -> Iterator[str]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             Path(name).unlink()
+
+
+class VerifyAhead:
+    """Opens a retrieve's objects verified, in order, the next one verified in a background
+    thread while the current one is sent (hashing and file reads release the GIL, so on
+    two cores the check costs the sender little wall time). An object is still never
+    handed out before its check passed; one that is never asked for is closed unsent.
+    """
+
+    def __init__(self, store: _VerifiedReader, order: list[Selected]) -> None:
+        self._store = store
+        self._order = order
+        self._index = {s.sha256 + s.sop_instance_uid: i for i, s in enumerate(order)}
+        self._next: tuple[str, Future[IO[bytes]]] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
+
+    def open(self, sel: Selected) -> IO[bytes]:
+        """`sel`'s verified file at offset 0 (the caller closes it); raises IntegrityError.
+        Starts verifying the object after `sel`."""
+        key = sel.sha256 + sel.sop_instance_uid
+        nxt, self._next = self._next, None
+        try:
+            if nxt is not None and nxt[0] == key:
+                return nxt[1].result()
+            if nxt is not None:
+                _discard(nxt[1])
+            return self._store.open_verified(sel.sha256)
+        finally:
+            self._ahead(key)
+
+    def _ahead(self, key: str) -> None:
+        i = self._index.get(key)
+        if self._closed or i is None or i + 1 >= len(self._order):
+            return
+        after = self._order[i + 1]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="pacsd-verify")
+        self._next = (after.sha256 + after.sop_instance_uid,
+                      self._pool.submit(self._store.open_verified, after.sha256))
+
+    def close(self) -> None:
+        """Close what was verified but not asked for; stop the thread (idempotent)."""
+        self._closed = True
+        nxt, self._next = self._next, None
+        if nxt is not None:
+            _discard(nxt[1])
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _discard(fut: Future[IO[bytes]]) -> None:
+    def close(done: Future[IO[bytes]]) -> None:
+        with contextlib.suppress(Exception):  # its failure was never part of a send
+            done.result().close()
+
+    fut.add_done_callback(close)
 
 
 @dataclass
