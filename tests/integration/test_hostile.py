@@ -39,9 +39,9 @@ def fd_count(pid: int) -> int:
 
 def net_fd_count(pid: int) -> int:
     """Descriptors other than SQLite files: sockets, pipes (wake-up pipes of DUL threads),
-    spool files. Per-thread SQLite connections of ended association threads are closed
-    lazily (an open item of issue 9, see docs/hardening-tests.md), so they are not
-    counted here: this is about idle peers' connections being closed."""
+    spool files. SQLite connections close up to dbutil.IDLE_CLOSE after their last use
+    (their return to the baseline after a burst is test_load_fds.py's subject), so they
+    are not counted here: this is about idle peers' connections being closed."""
     n = 0
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
