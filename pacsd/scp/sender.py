@@ -15,7 +15,9 @@ pynetdicom's), and a per-association hook on `dul._send` writes the pre-framed b
 with one `sendall` instead of encoding a PDU. At most `IN_FLIGHT` buffers are queued, so
 memory stays bounded whatever the object's size. The C-STORE-RQ command set is encoded
 by hand (byte-identical to pynetdicom's, unit-tested); the C-STORE-RSP comes back
-through pynetdicom's normal receive path and status check.
+through pynetdicom's receive path, except that a plain one (all of it in one PDV) is
+decoded by hand into the same primitive (`decode_store_rsp`, unit-tested against
+pynetdicom's decoder) instead of by pydicom, then pynetdicom's status check.
 
 The object must have been verified already (DESIGN §5: `store.open_verified` hashed
 every byte before we read it again here); the file stays open, so what is sent is what
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from pydicom.dataset import Dataset
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
 # Bytes of PDUs per buffer handed to the DUL thread, and how many may be queued.
@@ -165,6 +168,66 @@ def encode_retrieve_pending(command_field: int, sop_class: str, message_id: int,
     return _element(0x0000, struct.pack("<I", len(body))) + body
 
 
+# --------------------------------------------------------------------------- response
+# Elements a C-STORE-RSP command set may carry that decode_store_rsp understands; one with
+# anything else (Error ID, ...) is decoded by pynetdicom.
+_RSP_ELEMENTS = frozenset({0x0000, 0x0002, 0x0100, 0x0120, 0x0800, 0x0900, 0x0902, 0x1000})
+_CMD_ELEMENT = struct.Struct("<HHI")
+_US = struct.Struct("<H")
+
+
+def decode_store_rsp(cmd: bytes) -> C_STORE | None:
+    """The C-STORE-RSP primitive pynetdicom would decode from this command set (Implicit
+    VR Little Endian), or None when it is anything else or anything unusual."""
+    values: dict[int, bytes] = {}
+    o, end = 0, len(cmd)
+    while o < end:
+        if o + 8 > end:
+            return None
+        group, elem, n = _CMD_ELEMENT.unpack_from(cmd, o)
+        o += 8
+        if group != 0x0000 or o + n > end or elem not in _RSP_ELEMENTS:
+            return None
+        values[elem] = bytes(cmd[o:o + n])
+        o += n
+    try:
+        if (_US.unpack(values[0x0100])[0] != 0x8001
+                or _US.unpack(values[0x0800])[0] != 0x0101):
+            return None
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = _US.unpack(values[0x0120])[0]
+        rsp.Status = _US.unpack(values[0x0900])[0]
+        for elem, name in ((0x0002, "AffectedSOPClassUID"),
+                           (0x1000, "AffectedSOPInstanceUID")):
+            if elem in values:
+                setattr(rsp, name, values[elem].rstrip(b"\0 ").decode("ascii") or None)
+        if 0x0902 in values:
+            rsp.ErrorComment = values[0x0902].rstrip(b"\0 ").decode("ascii")
+    except (KeyError, struct.error, ValueError, TypeError):
+        return None
+    return rsp
+
+
+def _install_rsp(dimse: Any) -> None:
+    """Let this association's DIMSE take a C-STORE-RSP that arrives whole in one PDV
+    without pynetdicom's pydicom decoding (idempotent); everything else is pynetdicom's."""
+    if getattr(dimse, "_pacsd_rsp", False):
+        return
+    original = dimse.receive_primitive
+
+    def receive(primitive: Any) -> None:
+        pdvs = primitive.presentation_data_value_list
+        if dimse.message is None and len(pdvs) == 1 and bytes(pdvs[0][1][:1]) == b"\x03":
+            rsp = decode_store_rsp(pdvs[0][1][1:])
+            if rsp is not None:
+                dimse.msg_queue.put((pdvs[0][0], rsp))
+                return
+        original(primitive)
+
+    dimse.receive_primitive = receive
+    dimse._pacsd_rsp = True
+
+
 # --------------------------------------------------------------------------- DUL hook
 class _Frames:
     """Pre-framed P-DATA-TF PDUs riding through the DUL as one P-DATA primitive."""
@@ -261,6 +324,7 @@ def send_c_store(assoc: Any, f: IO[bytes], *, msg_id: int = 1, priority: int = 2
 
     dul = assoc.dul
     _install(dul)
+    _install_rsp(assoc.dimse)
     in_reactor = threading.current_thread() is assoc
     if not in_reactor:
         assoc._reactor_checkpoint.clear()  # the reactor must not take our response
@@ -354,5 +418,5 @@ def _read_exact(f: IO[bytes], view: memoryview) -> None:
         got += n
 
 
-__all__ = ["FileMeta", "Unsupported", "encode_retrieve_pending", "encode_store_rq",
-           "read_meta", "resume", "send_c_store"]
+__all__ = ["FileMeta", "Unsupported", "decode_store_rsp", "encode_retrieve_pending",
+           "encode_store_rq", "read_meta", "resume", "send_c_store"]

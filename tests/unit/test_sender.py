@@ -24,7 +24,13 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP, C_STORE_RQ
+from pynetdicom.dimse_messages import (
+    C_GET_RSP,
+    C_MOVE_RSP,
+    C_STORE_RQ,
+    C_STORE_RSP,
+    DIMSEMessage,
+)
 from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 from pynetdicom.dsutils import split_dataset
 
@@ -112,6 +118,55 @@ def test_pending_retrieve_rsp_equals_pynetdicom(kind: type, counts: tuple[int, .
     rsp.Status = 0x0000  # a final response is pynetdicom's to encode
     assoc.dimse.send_msg(rsp, 3)
     assert passed == [rsp] and sent == ref
+
+
+def _decoded_by_pynetdicom(primitive: Any, msg_cls: type) -> Any:
+    msg = msg_cls()
+    msg.primitive_to_message(primitive)
+    pdata = next(iter(msg.encode_msg(1, 16384)))
+    back = DIMSEMessage()
+    assert back.decode_msg(pdata)
+    return pdata.presentation_data_value_list[0][1][1:], back.message_to_primitive()
+
+
+@pytest.mark.parametrize("status,comment", [(0x0000, None), (0xB000, "coerced"),
+                                            (0xA700, "odd"), (0xC000, None)])
+@pytest.mark.parametrize("instance", ["1.2.826.0.1.3680043.8.498.1",
+                                      "1.2.826.0.1.3680043.8.498.12", None])
+def test_store_rsp_decodes_as_pynetdicom_decodes(status: int, comment: str | None,
+                                                 instance: str | None) -> None:
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 65535
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.AffectedSOPInstanceUID = instance
+    p.Status = status
+    p.ErrorComment = comment
+    cmd, ref = _decoded_by_pynetdicom(p, C_STORE_RSP)
+    mine = sender.decode_store_rsp(cmd)
+    assert type(mine) is type(ref)
+    for name in ("MessageIDBeingRespondedTo", "Status", "AffectedSOPClassUID",
+                 "AffectedSOPInstanceUID", "ErrorComment", "OffendingElement",
+                 "MessageID"):
+        assert getattr(mine, name) == getattr(ref, name), name
+    assert mine.is_valid_response
+
+
+def test_other_responses_are_left_to_pynetdicom() -> None:
+    p = C_STORE()
+    p.MessageIDBeingRespondedTo = 1
+    p.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    p.Status = 0xC000
+    p.OffendingElement = [0x00100010]  # not one of the elements the hand decoder knows
+    cmd, _ = _decoded_by_pynetdicom(p, C_STORE_RSP)
+    assert sender.decode_store_rsp(cmd) is None
+    rsp = C_MOVE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+    rsp.Status = 0
+    cmd, _ = _decoded_by_pynetdicom(rsp, C_MOVE_RSP)
+    assert sender.decode_store_rsp(cmd) is None
+    assert sender.decode_store_rsp(cmd[:-3]) is None  # truncated
+    assert sender.decode_store_rsp(b"") is None
 
 
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
