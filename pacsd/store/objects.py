@@ -363,9 +363,21 @@ class ObjectStore:
         return self.keys.dek(version)
 
     def ensure(self) -> None:
-        """Create root and root/.tmp (0700) if missing."""
+        """Create root, root/.tmp and the 256 first-level directories (0700) if missing.
+
+        With the first level in place, an object in a new second-level directory costs
+        one directory fsync fewer (the parent's, not also the root's)."""
         for d in (self.root, self.tmp):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        created = False
+        for i in range(256):
+            try:
+                (self.root / f"{i:02x}").mkdir(0o700)
+                created = True
+            except FileExistsError:
+                pass
+        if created:
+            _sync_directory(self.root)
 
     def path_for(self, sha256: str) -> Path:
         """root/ab/cd/<sha256>.dcm; raises ValueError for anything but 64 lowercase hex."""
