@@ -202,7 +202,7 @@ def decode_store_rsp(cmd: bytes) -> C_STORE | None:
             if elem in values:
                 setattr(rsp, name, values[elem].rstrip(b"\0 ").decode("ascii") or None)
         if 0x0902 in values:
-            rsp.ErrorComment = values[0x0902].rstrip(b"\0 ").decode("ascii")
+            rsp.ErrorComment = values[0x0902].rstrip(b"\0 ").decode("ascii")  # type: ignore[assignment]
     except (KeyError, struct.error, ValueError, TypeError):
         return None
     return rsp
@@ -356,7 +356,8 @@ def send_c_store(assoc: Any, f: IO[bytes], *, msg_id: int = 1, priority: int = 2
         return Dataset()
     if not in_reactor:
         resume(assoc)
-    return assoc._check_received_status(rsp)
+    status: Dataset = assoc._check_received_status(rsp)
+    return status
 
 
 def _queue(assoc: Any, dul: Any, frames: _Frames, cx_id: int,

@@ -139,7 +139,8 @@ class VerifyAhead:
                 return nxt[1].result()
             if nxt is not None:
                 _discard(nxt[1])
-            return self._store.open_verified(sel.sha256)
+            f: IO[bytes] = self._store.open_verified(sel.sha256)
+            return f
         finally:
             self._ahead(key)
 
