@@ -415,7 +415,7 @@ class Store:
             if existing is not None and self._on_duplicate != "replace":
                 return self._duplicate(existing, h, size)
 
-            published = spool.finish()  # set first: a failed publish must be undone too
+            published = spool.digest()  # set first: a failed publish must be undone too
             self.objects.publish(spool)
             replacing = existing is not None and existing[0] != published
             with (self.objects.removal_marker(existing[0]) if replacing and existing

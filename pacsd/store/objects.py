@@ -271,7 +271,8 @@ class SpoolFile:
         try:
             self.close()
         finally:
-            Path(self.name).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name)  # noqa: PTH108 - str paths on the hot path
 
     def open_plaintext(self) -> BinaryIO:
         """A reader of everything written so far, as plaintext (for headers beyond
