@@ -93,3 +93,42 @@ def test_context_copy_is_independent_and_equal_to_deepcopy() -> None:
     assert src[0].transfer_syntax != ["1.2.840.10008.1.2"] and src[0].context_id is None
     assert src[0].result is None
     assert tuning.copy_contexts({"a": [1]}) == {"a": [1]}
+
+
+def test_dul_wait_works_above_fd_setsize() -> None:
+    """A worker with many connections has descriptors above 1024, where select() fails
+    (issue 9): the DUL wait then returned at once, a busy loop. poll() waits properly."""
+    import os
+    import queue
+    import resource
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip("cannot raise RLIMIT_NOFILE above 1300")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    a, b = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(a.fileno(), 1200))
+    pipe_r, wake_w = os.pipe()
+    wake_r = os.dup2(pipe_r, 1201)
+    os.close(pipe_r)
+    try:
+        dul = SimpleNamespace(socket=SimpleNamespace(socket=high, _is_connected=True),
+                              to_provider_queue=queue.Queue())
+        t0 = time.monotonic()
+        tuning._wait_for_work(dul, wake_r)  # nothing to read: waits DUL_IDLE_WAIT
+        assert time.monotonic() - t0 >= tuning.DUL_IDLE_WAIT * 0.8
+        b.send(b"x")
+        t0 = time.monotonic()
+        for _ in range(50):  # readable: returns at once, every time
+            tuning._wait_for_work(dul, wake_r)
+        assert time.monotonic() - t0 < tuning.DUL_IDLE_WAIT * 5
+    finally:
+        high.detach()
+        for fd in (1200, wake_r, wake_w):
+            os.close(fd)
+        a.close()
+        b.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
