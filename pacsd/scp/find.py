@@ -39,18 +39,41 @@ def _cmd_element(elem: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, elem, len(value)) + value
 
 
-def encode_find_pending(sop_class: str, message_id: int) -> bytes:
-    """The C-FIND-RSP command set with Status Pending and an Identifier following,
-    Implicit VR Little Endian (PS3.7 9.3.2.2)."""
+def encode_find_rsp(sop_class: str, message_id: int, code: int, identifier: bool) -> bytes:
+    """A C-FIND-RSP command set without ErrorComment/OffendingElement, Implicit VR Little
+    Endian (PS3.7 9.3.2.2), as pynetdicom encodes it."""
     uid = sop_class.encode("ascii")
     body = b"".join([
         _cmd_element(0x0002, uid + b"\0" if len(uid) % 2 else uid),
         _cmd_element(0x0100, struct.pack("<H", 0x8020)),
         _cmd_element(0x0120, struct.pack("<H", message_id)),
-        _cmd_element(0x0800, struct.pack("<H", 0x0001)),
-        _cmd_element(0x0900, struct.pack("<H", status.PENDING)),
+        _cmd_element(0x0800, struct.pack("<H", 0x0001 if identifier else 0x0101)),
+        _cmd_element(0x0900, struct.pack("<H", code)),
     ])
     return _cmd_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def encode_find_pending(sop_class: str, message_id: int) -> bytes:
+    """The C-FIND-RSP command set with Status Pending and an Identifier following."""
+    return encode_find_rsp(sop_class, message_id, status.PENDING, True)
+
+
+def plain_final(rsp: Any) -> bool:
+    """A final C-FIND-RSP of Success with nothing but the command's required elements
+    (anything else, such as a failure with a comment, takes pynetdicom's encoder)."""
+    return (rsp.Status == status.SUCCESS and rsp.Identifier is None
+            and rsp.ErrorComment is None and rsp.OffendingElement is None
+            and rsp.MessageIDBeingRespondedTo is not None
+            and rsp.AffectedSOPClassUID is not None)
+
+
+def final_pdata(rsp: Any, context_id: int) -> P_DATA:
+    """The P-DATA of a `plain_final` response: one PDV, the whole command set."""
+    cmd = encode_find_rsp(str(rsp.AffectedSOPClassUID), int(rsp.MessageIDBeingRespondedTo),
+                          status.SUCCESS, False)
+    pdata = P_DATA()
+    pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]  # type: ignore[list-item]
+    return pdata
 
 
 def _pdu(pdvs: list[tuple[int, bytes]], context_id: int) -> bytes:

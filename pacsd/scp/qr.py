@@ -223,6 +223,9 @@ class _Replies:
                 and primitive.MessageIDBeingRespondedTo is not None):
             self._pending_find(primitive, context_id)
             return
+        if type(primitive) is C_FIND and find.plain_final(primitive):
+            self._dimse.dul.send_pdu(find.final_pdata(primitive, context_id))
+            return
         if type(primitive) in (C_MOVE, C_GET) and _plain_pending(primitive):
             self._pending_retrieve(primitive, context_id)
             return

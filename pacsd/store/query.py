@@ -20,6 +20,7 @@ fixed tables below. Nothing here imports pynetdicom.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -195,12 +196,15 @@ def parse(identifier: Dataset, model: str) -> Query:
             if LEVELS.index(level_of) > depth:
                 raise QueryError(IDENTIFIER_MISMATCH,
                                  f"{keyword or Tag(tag)} is below the {level} level", tag)
-            vr = elem.VR if elem.VR not in ("UN", None) else _dict_vr(tag)
-            if (vr == "SQ") != (_dict_vr(tag) == "SQ") and keyword:
-                # e.g. PatientName sent as a sequence: the response element could not be
-                # built (TypeError -> C001 "server fault"); it is the peer's error (issue 9)
-                raise QueryError(IDENTIFIER_MISMATCH,
-                                 f"{keyword}: sent as {vr}, is {_dict_vr(tag)}", tag)
+            dict_vr = _dict_vr(tag)
+            vr = elem.VR if elem.VR not in ("UN", None) else dict_vr
+            if keyword and ((vr == "SQ") != (dict_vr == "SQ") or (
+                    vr != dict_vr and dict_vr != "UN" and " or " not in dict_vr)):
+                # e.g. PatientName sent as a sequence or as DS: the response element could
+                # not be built (TypeError, ValueError -> C001 "server fault"); it is the
+                # peer's error (issue 9, bench/fuzz)
+                raise QueryError(IDENTIFIER_MISMATCH, f"{keyword}: sent as {vr}, is {dict_vr}",
+                                 tag)
             value = "" if vr == "SQ" else _text(elem)
             if vr == "UI" and value.count("\\") >= MAX_UID_LIST:
                 raise QueryError(OUT_OF_RESOURCES,
@@ -507,6 +511,30 @@ _SPLIT_LIST = frozenset({"ModalitiesInStudy", "SOPClassesInStudy"})
 _TEXT, _LIST, _NUMBER, _OTHER = range(4)  # how _Encoder writes a row value (by key)
 
 
+@functools.lru_cache(maxsize=256)
+def _constant_elements(empty: tuple[tuple[int, str], ...], retrieve_ae: str | None,
+                       availability: bool, level: str, charset: str | None,
+                       implicit_vr: bool) -> tuple[tuple[int, bytes], ...]:
+    """The response elements that do not depend on the row, each encoded by pydicom
+    (cached: the same few combinations come back request after request)."""
+    const = Dataset()
+    for tag, vr in empty:
+        const.add_new(tag, vr, [] if vr == "SQ" else None)
+    if retrieve_ae is not None:
+        const.RetrieveAETitle = retrieve_ae
+    if availability:
+        const.InstanceAvailability = "ONLINE"
+    const.QueryRetrieveLevel = level
+    if charset:
+        const.SpecificCharacterSet = charset
+    out = []
+    for elem in const:
+        one = Dataset()
+        one[elem.tag] = elem
+        out.append((int(elem.tag), encode_dataset(one, implicit_vr)))
+    return tuple(out)
+
+
 class _Encoder:
     """Encodes one row of a plan as the response identifier `_dataset` would give.
 
@@ -519,22 +547,18 @@ class _Encoder:
 
     def __init__(self, query: Query, plan: _Plan, retrieve_ae: str, implicit_vr: bool) -> None:
         self.implicit = implicit_vr
-        const = Dataset()
-        for k in plan.empty:
-            const.add_new(k.tag, k.vr, [] if k.vr == "SQ" else None)
-        if 0x00080054 in query.other:
-            const.RetrieveAETitle = retrieve_ae
-        if 0x00080056 in query.other:
-            const.InstanceAvailability = "ONLINE"
-        const.QueryRetrieveLevel = query.level
-        charset = _charset_for([], query.charset)  # what an all-ASCII row declares
-        if charset:
-            const.SpecificCharacterSet = charset
+        const = _constant_elements(
+            tuple((k.tag, k.vr) for k in plan.empty),
+            retrieve_ae if 0x00080054 in query.other else None,
+            0x00080056 in query.other, query.level,
+            _charset_for([], query.charset),  # what an all-ASCII row declares
+            implicit_vr)
         # in tag order, as pydicom writes: (tag, constant bytes) or (tag, key, column)
         slots: list[tuple[int, bytes | None, int, Key | None]] = [
-            (int(e.tag), self._pydicom_element(const, int(e.tag)), -1, None) for e in const]
+            (tag, data, -1, None) for tag, data in const]
+        tags = {tag for tag, _ in const}
         for column, k in enumerate(plan.returned):
-            if k.tag not in const:
+            if k.tag not in tags:
                 slots.append((k.tag, None, column, k))
         slots.sort(key=lambda slot: slot[0])
         # per slot: constant bytes, or (column, header, length packer, pad byte, kind)
@@ -549,11 +573,6 @@ class _Encoder:
                     else _NUMBER if k.vr in ("IS", "DS") else _TEXT)
             self.steps.append((column, head, struct.Struct(fmt).pack,
                                b"\0" if k.vr == "UI" else b" ", kind))
-
-    def _pydicom_element(self, ds: Dataset, tag: int) -> bytes:
-        one = Dataset()
-        one[tag] = ds[tag]
-        return encode_dataset(one, self.implicit)
 
     def _header(self, tag: int, vr: str) -> tuple[bytes, str]:
         """The element header up to its length field, and the length's struct format."""

@@ -352,3 +352,42 @@ def test_sender_batches_what_frame_pending_frames(max_pdu: int) -> None:
     [(cx, raw)] = dul.pdus[0].presentation_data_value_list
     assert len(dul.pdus) == 1 and cx == 5
     assert raw == b"".join(find.frame_pending(command, i, 5, max_pdu) for i in ids)
+
+
+@pytest.mark.parametrize("sop_class,msg_id", [("1.2.840.10008.5.1.4.1.2.2.1", 7),
+                                              ("1.2.840.10008.5.1.4.1.2.1.1", 65535)])
+def test_fast_final_find_is_pynetdicoms_bytes(sop_class: str, msg_id: int) -> None:
+    from pynetdicom.dimse_messages import C_FIND_RSP
+    from pynetdicom.dimse_primitives import C_FIND
+    from pynetdicom.dsutils import encode
+
+    rsp = C_FIND()  # as pynetdicom's C-FIND SCP fills its final response
+    rsp.MessageID = rsp.MessageIDBeingRespondedTo = msg_id
+    rsp.AffectedSOPClassUID = sop_class
+    rsp.Status = 0x0000
+    assert find.plain_final(rsp)
+    msg = C_FIND_RSP()
+    msg.primitive_to_message(rsp)
+    [(cx, pdv)] = find.final_pdata(rsp, 9).presentation_data_value_list
+    assert cx == 9 and pdv == b"\x03" + encode(msg.command_set, True, True)
+    rsp.ErrorComment = "x"
+    assert not find.plain_final(rsp)  # comments, failures: pynetdicom's encoder
+    rsp.ErrorComment, rsp.Status = None, 0xA700
+    assert not find.plain_final(rsp)
+
+
+def test_final_find_takes_the_fast_path_other_statuses_do_not() -> None:
+    from pynetdicom.dimse_primitives import C_FIND
+
+    sent: list[Any] = []
+    dimse = SimpleNamespace(send_msg=lambda p, c: sent.append(("slow", p)),
+                            maximum_pdu_size=0,
+                            dul=SimpleNamespace(send_pdu=lambda p: sent.append(("pdu", p))))
+    qr._Replies(SimpleNamespace(dimse=dimse))
+    for code in (0x0000, 0xA700):
+        rsp = C_FIND()
+        rsp.MessageIDBeingRespondedTo = 3
+        rsp.AffectedSOPClassUID = STUDY_FIND
+        rsp.Status = code
+        dimse.send_msg(rsp, 5)
+    assert [kind for kind, _ in sent] == ["pdu", "slow"]
