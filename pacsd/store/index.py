@@ -251,8 +251,23 @@ def _m2_commitment(db: peewee.SqliteDatabase) -> None:
         db.execute_sql(sql)
 
 
+def _m3_study_date_cover(db: peewee.SqliteDatabase) -> None:
+    """A StudyDate range (the workstation's "studies of these days") read from the index
+    alone: the study columns a study-level C-FIND usually returns ride along in it, so
+    each match costs no random read of the study table (3.3 -> 1.3 ms of SQLite CPU for
+    350 matches at 1,000,000 instances). It replaces study_date_idx, its prefix."""
+    statements = [
+        "CREATE INDEX study_date_cover_idx ON study (study_date, study_time, "
+        "accession_number, study_id, study_description, referring_physician_name, "
+        "study_instance_uid, patient_pk)",
+        "DROP INDEX study_date_idx",
+    ]
+    for sql in statements:
+        db.execute_sql(sql)
+
+
 # Append only. Index i migrates schema version i -> i+1.
-MIGRATIONS: list[dbutil.Migration] = [_m1_hierarchy, _m2_commitment]
+MIGRATIONS: list[dbutil.Migration] = [_m1_hierarchy, _m2_commitment, _m3_study_date_cover]
 
 
 def open_index_db(cfg: Config, *, create: bool = True) -> peewee.SqliteDatabase:

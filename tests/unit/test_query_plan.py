@@ -46,7 +46,12 @@ CASES = [
     ("STUDY", STUDY_ROOT, {"PatientName": "DOE*", "StudyInstanceUID": ""},
      "patient_name_idx"),
     ("STUDY", STUDY_ROOT, {"StudyDate": "20240101-20240131", "StudyInstanceUID": ""},
-     "study_date_idx"),
+     "study_date_cover_idx"),
+    # the keys a workstation's "studies of these days" asks for: answered from the index
+    ("STUDY", STUDY_ROOT, {"StudyDate": "20240101-", "StudyTime": "", "AccessionNumber": "",
+                           "StudyID": "", "StudyDescription": "", "ReferringPhysicianName": "",
+                           "StudyInstanceUID": "", "PatientName": "", "PatientID": ""},
+     "COVERING INDEX study_date_cover_idx"),
     ("STUDY", STUDY_ROOT, {"AccessionNumber": "ACC1", "StudyInstanceUID": ""},
      "study_accession_idx"),
     ("STUDY", STUDY_ROOT, {"StudyInstanceUID": "1.2.3"}, "sqlite_autoindex_study_1"),
