@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -509,6 +509,7 @@ _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN
                        "UT", "UV"})
 _SPLIT_LIST = frozenset({"ModalitiesInStudy", "SOPClassesInStudy"})
 _TEXT, _LIST, _NUMBER, _OTHER = range(4)  # how _Encoder writes a row value (by key)
+_NO_PACK = struct.Struct("<0s").pack  # placeholder packer of a constant step
 
 
 @functools.lru_cache(maxsize=256)
@@ -561,18 +562,19 @@ class _Encoder:
             if k.tag not in tags:
                 slots.append((k.tag, None, column, k))
         slots.sort(key=lambda slot: slot[0])
-        # per slot: constant bytes, or (column, header, length packer, pad byte, kind)
-        self.steps: list[bytes | tuple[int, bytes, Any, bytes, int]] = []
-        for tag, data, column, k in slots:
+        # per slot: (row column, header, length packer, pad byte, kind); a constant
+        # element is (-1, its bytes, unused, unused, unused)
+        self.steps: list[tuple[int, bytes, Callable[[int], bytes], bytes, int]] = []
+        for tag, data, column, key in slots:
             if data is not None:
-                self.steps.append(data)
+                self.steps.append((-1, data, _NO_PACK, b"", _OTHER))
                 continue
-            assert k is not None
-            head, fmt = self._header(tag, k.vr)
-            kind = (_OTHER if k.vr not in _TEXT_VRS else _LIST if k.keyword in _SPLIT_LIST
-                    else _NUMBER if k.vr in ("IS", "DS") else _TEXT)
+            assert key is not None
+            head, fmt = self._header(tag, key.vr)
+            kind = (_OTHER if key.vr not in _TEXT_VRS else _LIST if key.keyword in _SPLIT_LIST
+                    else _NUMBER if key.vr in ("IS", "DS") else _TEXT)
             self.steps.append((column, head, struct.Struct(fmt).pack,
-                               b"\0" if k.vr == "UI" else b" ", kind))
+                               b"\0" if key.vr == "UI" else b" ", kind))
 
     def _header(self, tag: int, vr: str) -> tuple[bytes, str]:
         """The element header up to its length field, and the length's struct format."""
@@ -586,11 +588,10 @@ class _Encoder:
     def encode(self, row: tuple[Any, ...]) -> bytes | None:
         parts: list[bytes] = []
         append = parts.append
-        for step in self.steps:
-            if type(step) is bytes:
-                append(step)
+        for column, head, pack, pad, kind in self.steps:
+            if column < 0:
+                append(head)
                 continue
-            column, head, pack, pad, kind = step  # type: ignore[misc]
             raw = row[column]
             if raw is None or raw == "":
                 append(head + pack(0))
