@@ -58,6 +58,7 @@ _HEADER = _PDU.size  # 12
 _COMMAND_LAST, _DATA_MORE, _DATA_LAST = 0x03, 0x00, 0x02
 
 _SHORT = struct.Struct("<HH2sH")
+_META_READ = 8192
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC",
                        b"UN", b"UR", b"UT", b"UV"})
 
@@ -78,32 +79,36 @@ class FileMeta:
 def read_meta(f: IO[bytes]) -> FileMeta:
     """The three UIDs of a Part 10 file's group 0002 and where its dataset starts.
 
-    Reads from offset 0; raises Unsupported for anything but a preamble, "DICM" and an
-    Explicit VR Little Endian group 0002 (PS3.10 7.1).
+    Reads from offset 0 (one read for the usual group of a few hundred bytes); raises
+    Unsupported for anything but a preamble, "DICM" and an Explicit VR Little Endian
+    group 0002 (PS3.10 7.1).
     """
     f.seek(0)
-    head = f.read(132)
-    if len(head) != 132 or head[128:] != b"DICM":
+    buf = f.read(_META_READ)
+    if len(buf) < 132 or buf[128:132] != b"DICM":
         raise Unsupported("no Part 10 preamble")
     values: dict[int, bytes] = {}
     offset = 132
+    eof = len(buf) < _META_READ
     while True:
-        raw = f.read(8)
-        if len(raw) < 8:
+        if not eof and offset + 12 + 4096 > len(buf):  # a long group: read on
+            more = f.read(_META_READ)
+            eof = len(more) < _META_READ
+            buf += more
+        if len(buf) < offset + 8:
             break
-        group, element, vr, length = _SHORT.unpack(raw)
+        group, element, vr, length = _SHORT.unpack_from(buf, offset)
         if group != 0x0002:
             break
         head_len = 8
         if vr in _LONG_VRS:
-            more = f.read(4)
-            if len(more) != 4:
+            if len(buf) < offset + 12:
                 raise Unsupported("truncated file meta")
-            (length,) = struct.unpack("<I", more)
+            (length,) = struct.unpack_from("<I", buf, offset + 8)
             head_len = 12
-        if length > 4096:
-            raise Unsupported("implausible file meta element")
-        value = f.read(length)
+        if length > 4096 or offset > 65536:
+            raise Unsupported("implausible file meta")
+        value = buf[offset + head_len:offset + head_len + length]
         if len(value) != length:
             raise Unsupported("truncated file meta")
         values[element] = value

@@ -181,6 +181,21 @@ def test_read_meta_finds_what_pynetdicom_finds(tmp_path: Path, ts: str) -> None:
     assert mine.transfer_syntax_uid == ts
 
 
+def test_read_meta_reads_on_through_a_long_group() -> None:
+    """A group 0002 longer than the first read (large private OB elements)."""
+    def el(e: int, vr: bytes, val: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2s2xI", 2, e, vr, len(val)) + val
+        return struct.pack("<HH2sH", 2, e, vr, len(val)) + val
+
+    body = (el(2, b"UI", b"1.2.3\0") + el(3, b"UI", b"1.2.3.4\0")
+            + el(0x10, b"UI", b"1.2.840.10008.1.2.1\0")
+            + b"".join(el(0x100 + i, b"OB", b"x" * 3000) for i in range(4)))
+    data = b"\0" * 128 + b"DICM" + body + struct.pack("<HHI", 8, 0x16, 0) + b"rest"
+    meta = sender.read_meta(io.BufferedReader(io.BytesIO(data)))  # type: ignore[arg-type]
+    assert meta == sender.FileMeta("1.2.3", "1.2.3.4", "1.2.840.10008.1.2.1", 132 + len(body))
+
+
 @pytest.mark.parametrize("data", [b"", b"DICM" * 3, b"\0" * 128 + b"DICX" + b"\0" * 20])
 def test_read_meta_refuses_what_is_not_part10(data: bytes) -> None:
     with pytest.raises(sender.Unsupported):
