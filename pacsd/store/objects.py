@@ -391,8 +391,8 @@ class ObjectStore:
         this store encrypts (or `encrypt` says so)."""
         if self.encrypt if encrypt is None else encrypt:
             version, dek = self.keys.current()
-            return SpoolFile(self.tmp, limit=limit, sealer=Sealer(version, dek), dek=dek)
-        return SpoolFile(self.tmp, limit=limit)
+            return SpoolFile(self._tmp, limit=limit, sealer=Sealer(version, dek), dek=dek)
+        return SpoolFile(self._tmp, limit=limit)
 
     def _ensure_dir(self, directory: Path | str) -> list[str]:
         """Create the directory (and its parent) if missing, without fsync; returns the
