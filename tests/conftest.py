@@ -33,6 +33,17 @@ pytest_plugins: list[str] = []
 if (Path(__file__).parent / "rsyslog_fixture.py").exists():
     pytest_plugins.append("tests.rsyslog_fixture")
 
+
+def _fix_client_reactor() -> None:
+    """The tests' pynetdicom clients get the node's fix for pynetdicom's own reactor race
+    (it can swallow the response its caller waits for; scp/tuning.fix_reactor_race)."""
+    from pacsd.scp import tuning
+
+    tuning.fix_reactor_race()
+
+
+_fix_client_reactor()
+
 # pynetdicom's pip package installs its own echoscu/storescu/... scripts, which can shadow
 # DCMTK's on PATH; always run DCMTK's from the Debian package's directory.
 DCMTK_DIR = "/usr/bin"
