@@ -28,7 +28,7 @@ from typing import Any
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from pacsd.scp import handlers, limits
+from pacsd.scp import handlers, limits, tuning
 from pacsd.scp.state import AssocState, Services
 from pacsd.store.filemeta import file_meta_bytes
 
@@ -225,10 +225,8 @@ class FastStore:
             log.exception("C-STORE handling failed")
             spool.abort()
             code, comment = 0xC211, "internal error"
-        from pacsd.scp.tuning import encode_store_rsp
-
-        rsp = encode_store_rsp(cmd["sop_class"], cmd["message_id"], code, cmd["sop_instance"],
-                               comment)
+        rsp = tuning.encode_store_rsp(cmd["sop_class"], cmd["message_id"], code,
+                                      cmd["sop_instance"], comment)
         self.stored += 1
         self.assoc.dul.socket.send(encode_pdata(self._context, rsp))
 
