@@ -106,8 +106,7 @@ def scan(head: bytes, complete: bool) -> dict[str, bytes] | None:
             return None
         start, length = got
         if length == _UNDEFINED:
-            un = explicit and bytes(mv[off + 4:off + 6]) == b"UN"
-            end = _skip_sequence(mv, start, explicit and not un, 0)
+            end = _skip_undefined(mv, off, start, explicit, 0)
             if end is None:
                 return None
             off = end
@@ -142,6 +141,14 @@ def _element(mv: memoryview, off: int, explicit: bool) -> tuple[int, int] | None
     if length == _UNDEFINED and explicit and vr not in (b"SQ", b"UN"):
         return None
     return start, length
+
+
+def _skip_undefined(mv: memoryview, off: int, start: int, explicit: bool,
+                    depth: int) -> int | None:
+    """Offset after the element at `off` whose value (at `start`) has undefined length: a
+    sequence, or UN, whose content is Implicit VR Little Endian (PS3.5 6.2.2)."""
+    un = explicit and bytes(mv[off + 4:off + 6]) == b"UN"
+    return _skip_sequence(mv, start, explicit and not un, depth)
 
 
 def _skip_sequence(mv: memoryview, off: int, explicit: bool, depth: int) -> int | None:
@@ -182,8 +189,7 @@ def _skip_item(mv: memoryview, off: int, explicit: bool, depth: int) -> int | No
             return None
         start, length = got
         if length == _UNDEFINED:
-            un = explicit and bytes(mv[off + 4:off + 6]) == b"UN"
-            end = _skip_sequence(mv, start, explicit and not un, depth + 1)
+            end = _skip_undefined(mv, off, start, explicit, depth + 1)
             if end is None:
                 return None
             off = end
