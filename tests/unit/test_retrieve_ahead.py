@@ -3,7 +3,6 @@ one is sent, and still nothing is handed out before its check passed."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import pytest
 from pacsd.store import retrieve
 from pacsd.store.objects import IntegrityError, ObjectStore
 from pacsd.store.query import Selected
+
+from .test_query_retrieve import _put
 
 
 class Recording(ObjectStore):
@@ -27,14 +28,6 @@ class Recording(ObjectStore):
         f = super().open_verified(sha256)
         self.opened.append(f)
         return f
-
-
-def _put(store: ObjectStore, data: bytes) -> str:
-    sp = store.spool()
-    sp.write(data)
-    store.publish(sp)
-    sp.close()
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture
