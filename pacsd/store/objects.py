@@ -40,7 +40,7 @@ READ_CHUNK = 1024 * 1024
 _MEMFD_MAX = 32 * 1024 * 1024  # decrypted reads up to this size stay in memory (memfd)
 TMP_DIR = ".tmp"
 SUFFIX = ".dcm"
-PUBLISH_PREFIX = "pub-"  # root/.tmp/pub-<sha256>.tmp: a spool being published (publish())
+PUBLISH_PREFIX = "pub-"  # root/.tmp/pub-<sha256>-<spool>.tmp: a spool being published
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -415,7 +415,8 @@ class ObjectStore:
         """Hard-link the spool at its content address and make it durable: the file,
         its directory entry and any directory created for it.
 
-        The spool is first renamed to root/.tmp/pub-<sha256>.tmp and keeps that name as a
+        The spool is first renamed to root/.tmp/pub-<sha256>-<spool>.tmp (unique: the
+        same object may be published from several threads at once) and keeps that name as a
         marker until the caller has committed the index row and calls spool.abort()
         (which then only drops the marker): a crash in between leaves the marker with a
         second link, and the next sweep removes both when no row references the object
@@ -431,7 +432,7 @@ class ObjectStore:
             raise ValueError(f"not a SHA-256 hex digest: {sha[:80]!r}")
         directory = f"{self._root}/{sha[0:2]}/{sha[2:4]}"
         dest = f"{directory}/{sha}{SUFFIX}"
-        spool.rename(f"{self._tmp}/{PUBLISH_PREFIX}{sha}.tmp")
+        spool.rename(f"{self._tmp}/{PUBLISH_PREFIX}{sha}-{spool.name.rsplit('/', 1)[-1]}")
         parents = self._ensure_dir(directory)
         try:
             linked = self._link_new(spool, dest)
@@ -643,7 +644,7 @@ class ObjectStore:
         removed = 0
         for p in list(self.temp_leftovers()):
             try:
-                named = p.name[len(PUBLISH_PREFIX):-len(".tmp")]
+                named = p.name[len(PUBLISH_PREFIX):len(PUBLISH_PREFIX) + 64]
                 if (p.name.startswith(PUBLISH_PREFIX) and is_sha256(named)
                         and is_referenced is not None):
                     # the object may hold less than its name says (power lost before

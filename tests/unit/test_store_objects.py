@@ -176,7 +176,7 @@ def test_abandoned_spool_is_removed_when_dropped(tmp_path: Path) -> None:
 
 
 def test_publish_marker_names_the_object_for_the_sweep(tmp_path: Path) -> None:
-    """A process that dies between publish and the index commit leaves root/.tmp/pub-<sha>;
+    """A process that dies between publish and the index commit leaves root/.tmp/pub-<sha>-…;
     the sweep removes it and the object even when the object's bytes never reached the
     disk (power loss before the fsync: the content no longer hashes to its name)."""
     store = ObjectStore(tmp_path / "objects")
@@ -184,7 +184,7 @@ def test_publish_marker_names_the_object_for_the_sweep(tmp_path: Path) -> None:
     sp = store.spool()
     sp.write(b"an object whose index row was never committed")
     dest = store.publish(sp)
-    assert Path(sp.name).name == f"pub-{dest.stem}.tmp"
+    assert Path(sp.name).name.startswith(f"pub-{dest.stem}-spool-")
     assert Path(sp.name).stat().st_nlink == 2
     sp.close()  # the process died: its lock is gone, the marker stays
     dest.write_bytes(b"")  # what a power loss before the data fsync may leave
@@ -195,6 +195,24 @@ def test_publish_marker_names_the_object_for_the_sweep(tmp_path: Path) -> None:
     assert store.sweep_tmp(lambda sha: sha == kept.stem) == 1
     assert not dest.exists()
     assert kept.exists()
+    assert list(store.tmp.iterdir()) == []
+
+
+def test_the_same_object_published_twice_at_once_keeps_two_markers(tmp_path: Path) -> None:
+    """Two threads publishing identical bytes must not share a marker name: the first
+    one's abort() would drop the second one's spool before it is linked (ENOENT)."""
+    store = ObjectStore(tmp_path / "objects")
+    store.ensure()
+    first, second = store.spool(), store.spool()
+    for sp in (first, second):
+        sp.write(b"the same instance, sent by two modalities at once")
+    dest = store.publish(first)
+    assert store.publish(second) == dest
+    assert Path(first.name).exists()  # still marks the first publish until its commit
+    assert first.name != second.name
+    first.abort()
+    second.abort()
+    assert dest.read_bytes() == b"the same instance, sent by two modalities at once"
     assert list(store.tmp.iterdir()) == []
 
 
