@@ -19,6 +19,7 @@ closes the parked descriptors too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import threading
@@ -165,6 +166,58 @@ class NodeDatabase(peewee.SqliteDatabase):
         self._state.conn = conn
         cast(Any, self)._initialize_connection(conn)
         return self.cursor()
+
+
+class WriterLock:
+    """Write transactions on one database, in order: threads of this process queue on a
+    lock, processes on an exclusive flock() of `<database>-writers.lock` (0600).
+
+    Without it, a writer that finds the database locked by another process waits in
+    SQLite's busy handler, which sleeps 1, 2, 5, 10 ms ... between tries and is not fair:
+    with two workers and four senders of small objects nearly every instance slept there
+    once, 3-4 ms on average (strace: 303 clock_nanosleep for ~300 instances per worker),
+    and under 32 concurrent stores a writer could be starved past busy_timeout (issue 9).
+    flock() wakes the next waiter as soon as the lock is dropped. Processes that do not
+    take it (admin commands) still meet SQLite's own locking, so correctness never
+    depends on this lock; when the lock file cannot be opened only the thread lock is used.
+    """
+
+    def __init__(self, database: str | Path) -> None:
+        self.path = f"{database}-writers.lock"
+        self._thread = threading.Lock()
+        self._fd: int | None = None
+        self._tried = False
+
+    def _file(self) -> int | None:
+        if not self._tried:
+            self._tried = True
+            with contextlib.suppress(OSError):
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return self._fd
+
+    def __enter__(self) -> WriterLock:
+        self._thread.acquire()
+        try:
+            fd = self._file()
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # releases the GIL while it waits
+        except BaseException:
+            self._thread.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread.release()
+
+    def close(self) -> None:
+        with self._thread:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 def open_sqlite(path: str | Path, *, create: bool = True) -> peewee.SqliteDatabase:

@@ -27,7 +27,6 @@ import os
 import re
 import sqlite3
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
 
 from pacsd.config import Config
+from pacsd.dbutil import WriterLock
 from pacsd.store import filemeta, scan
 from pacsd.store.index import open_index_db
 from pacsd.store.objects import READ_CHUNK, ObjectStore, SpoolFile
@@ -344,10 +344,9 @@ class Store:
         self._min_free = cfg.storage.min_free_mb * _MB
         self._max_object = cfg.storage.max_object_mb * _MB or None
         self._on_duplicate = cfg.storage.on_duplicate
-        # Index writers of this process queue here, in order, rather than in SQLite's
-        # busy handler, which is not fair: under 32 concurrent stores one writer could be
-        # starved past busy_timeout ("database is locked", A700; bench/load, issue 9).
-        self._write_lock = threading.Lock()
+        # Index writers of every worker queue here, in order, rather than in SQLite's
+        # sleeping, unfair busy handler (dbutil.WriterLock; issue 9, bench/ingest K=4).
+        self._write_lock = WriterLock(db.database)
 
     @classmethod
     def open(cls, cfg: Config) -> Store:
@@ -367,6 +366,7 @@ class Store:
         return cls(cfg, db, objects, swept)
 
     def close(self) -> None:
+        self._write_lock.close()
         if not self.db.is_closed():
             self.db.close()
 
