@@ -317,7 +317,8 @@ class _Retrieval:
     def plan(self, selected: list[Selected]) -> None:
         """The instances to send, in the order the sub-operations will go."""
         self.tally.selected = len(selected)
-        self.ahead = retrieve.VerifyAhead(self.services.store, selected)
+        self.ahead = retrieve.VerifyAhead(self.services.store, selected,
+                                          limit=sender.PREPARE_MAX)
 
     def placeholder(self, sel: Selected) -> Dataset:
         ds = Dataset()
@@ -327,8 +328,13 @@ class _Retrieval:
         return ds
 
     def wrap(self, assoc: Any, *, sub_association: bool = False) -> None:
-        """Route `assoc.send_c_store` of our placeholders through verify-then-stream."""
+        """Route `assoc.send_c_store` of our placeholders through verify-then-stream.
+
+        Objects are framed for `assoc` ahead (VerifyAhead + sender.Framer); on a C-MOVE
+        sub-association (`sub_association`, whose peer only answers) the sending thread
+        also writes and reads the socket itself (sender's SocketLease)."""
         original = assoc.send_c_store
+        self.ahead.framer = sender.Framer(assoc)
 
         def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
             uid = str(getattr(dataset, "SOPInstanceUID", "")) \
@@ -337,7 +343,8 @@ class _Retrieval:
             if sel is None:
                 return original(dataset, *args, **kwargs)
             try:
-                return self._send(assoc, original, sel, *args, **kwargs)
+                return self._send(assoc, original, sel, *args, direct=sub_association,
+                                  **kwargs)
             finally:
                 if sub_association:
                     _note_abort(assoc)
@@ -346,18 +353,24 @@ class _Retrieval:
         assoc.send_c_store = send_c_store
 
     def _send(self, assoc: Any, original: Callable[..., Any], sel: Selected, *args: Any,
-              **kwargs: Any) -> Any:
+              direct: bool = False, **kwargs: Any) -> Any:
         if self.refused_destination:
             self.tally.done(sel, "failure")
             raise PermissionError(self.refused_destination)
         try:
             with contextlib.closing(self.ahead.open(sel)) as f:
                 try:
-                    # stored transfer syntax accepted: framed straight from the file
-                    rsp = sender.send_c_store(assoc, f, **_store_args(*args, **kwargs))
+                    # stored transfer syntax accepted: framed ahead, or from the file
+                    rsp = sender.send_c_store(assoc, f, direct=direct,
+                                              **_store_args(*args, **kwargs))
                     self.fast += 1
                 except sender.Unsupported:
-                    rsp = self._send_slow(original, f, sel, *args, **kwargs)
+                    if isinstance(f, sender.Prepared):  # rare: a file for pynetdicom
+                        with contextlib.closing(
+                                self.services.store.open_verified(sel.sha256)) as g:
+                            rsp = self._send_slow(original, g, sel, *args, **kwargs)
+                    else:
+                        rsp = self._send_slow(original, f, sel, *args, **kwargs)
         except IntegrityError as exc:
             self.tally.done(sel, "failure")
             self.tally.integrity_failures += 1

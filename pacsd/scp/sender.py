@@ -35,9 +35,12 @@ when an association ends any other way.
 from __future__ import annotations
 
 import math
+import select
+import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -85,16 +88,33 @@ def read_meta(f: IO[bytes]) -> FileMeta:
     """
     f.seek(0)
     buf = f.read(_META_READ)
-    if len(buf) < 132 or buf[128:132] != b"DICM":
+    while True:
+        try:
+            return parse_meta(buf, whole=len(buf) % _META_READ != 0 or not buf)
+        except _ReadOn:
+            more = f.read(_META_READ)
+            buf += more
+            if len(more) < _META_READ:
+                return parse_meta(buf, whole=True)
+
+
+class _ReadOn(Exception):
+    """parse_meta needs more of the file than it was given."""
+
+
+def parse_meta(buf: bytes | bytearray | memoryview, whole: bool = True) -> FileMeta:
+    """read_meta on bytes: the start of the file (`whole`: or all of it).
+
+    Raises Unsupported as read_meta does (_ReadOn when not `whole` and the group may go
+    on past `buf`).
+    """
+    if len(buf) < 132 or bytes(buf[128:132]) != b"DICM":
         raise Unsupported("no Part 10 preamble")
     values: dict[int, bytes] = {}
     offset = 132
-    eof = len(buf) < _META_READ
     while True:
-        if not eof and offset + 12 + 4096 > len(buf):  # a long group: read on
-            more = f.read(_META_READ)
-            eof = len(more) < _META_READ
-            buf += more
+        if not whole and offset + 12 + 4096 > len(buf):  # a long group: read on
+            raise _ReadOn
         if len(buf) < offset + 8:
             break
         group, element, vr, length = _SHORT.unpack_from(buf, offset)
@@ -108,7 +128,7 @@ def read_meta(f: IO[bytes]) -> FileMeta:
             head_len = 12
         if length > 4096 or offset > 65536:
             raise Unsupported("implausible file meta")
-        value = buf[offset + head_len:offset + head_len + length]
+        value = bytes(buf[offset + head_len:offset + head_len + length])
         if len(value) != length:
             raise Unsupported("truncated file meta")
         values[element] = value
@@ -239,7 +259,7 @@ class _Frames:
 
     __slots__ = ("data", "slots")
 
-    def __init__(self, data: bytearray, slots: threading.Semaphore) -> None:
+    def __init__(self, data: bytearray | memoryview, slots: threading.Semaphore) -> None:
         self.data = data
         self.slots = slots
 
@@ -294,13 +314,282 @@ def resume(assoc: Any) -> None:
         assoc._reactor_checkpoint.set()
 
 
+# --------------------------------------------------------------------------- socket lease
+class SocketLease:
+    """Turns at one association's socket between its DUL reactor thread and one sender.
+
+    An OpenSSL connection must never be read and written by two threads at once, so
+    whoever touches the TLS socket holds the turn. The reactor holds it except while it
+    is parked in `dul_yield`, which scp/tuning.py's DUL loop calls at the top of every
+    iteration. A sender asks with `begin()` (the reactor is woken, finishes its iteration
+    and parks), writes its PDUs and reads the response itself, and `end(keep=True)` keeps
+    the turn for its next sub-operation, so consecutive sub-operations cost no thread
+    hand-over at all. Anything else the reactor must do revokes a kept turn: `revoke()`
+    (called after every `send_pdu` and `kill_dul` of the association: release, abort)
+    hands it back at once, or at the end of an exchange in progress; a turn kept idle
+    longer than `idle_reclaim` seconds, or a DUL told to stop, takes it back anyway.
+    """
+
+    def __init__(self, wake: Callable[[], None], idle_reclaim: float = 2.0) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._wake = wake
+        self.idle_reclaim = idle_reclaim
+        self._sender = False  # a sender holds the turn ...
+        self._busy = False  # ... and is inside an exchange
+        self._wanted = False  # a sender waits for the reactor to park
+        self._revoked = False  # give the turn back when the exchange ends
+        self._parked = False  # the reactor waits in dul_yield
+        self._since = 0.0  # when the sender's last exchange ended
+
+    @property
+    def held(self) -> bool:
+        """A sender holds the turn (inside an exchange or kept between two)."""
+        return self._sender
+
+    # -- the reactor's side
+    def dul_yield(self, dul: Any) -> None:
+        """Called by the DUL thread where it touches nothing: parks it while a sender
+        holds the turn or asks for it; returns at once otherwise."""
+        if not (self._wanted or self._sender):  # the common case, without the lock
+            return
+        with self._cv:
+            self._parked = True
+            self._cv.notify_all()
+            try:
+                while self._wanted or self._sender:
+                    if self._sender and not self._busy and (
+                            getattr(dul, "_kill_thread", False)
+                            or time.monotonic() - self._since > self.idle_reclaim):
+                        self._give_back()
+                        break
+                    self._cv.wait(0.25)
+            finally:
+                self._parked = False
+
+    # -- a sender's side
+    def begin(self, alive: Callable[[], bool], timeout: float = 30.0) -> None:
+        """Take the turn (or go on with a kept one); raises ConnectionError when the
+        reactor is gone or does not park within `timeout` seconds."""
+        with self._cv:
+            if self._sender:
+                self._busy = True
+                return
+            self._wanted = True
+            deadline = time.monotonic() + timeout
+            try:
+                self._wake()
+                while not self._parked:
+                    if not alive() or time.monotonic() > deadline:
+                        raise ConnectionError("association ended before its socket was free")
+                    self._cv.wait(0.05)
+                    if not self._parked:
+                        self._wake()
+                self._sender = self._busy = True
+                self._revoked = False
+            finally:
+                self._wanted = False
+                self._cv.notify_all()
+
+    def end(self, keep: bool) -> None:
+        """The exchange is over: keep the turn for the next one, or hand it back."""
+        with self._cv:
+            self._busy = False
+            self._since = time.monotonic()
+            if not keep or self._revoked:
+                self._give_back()
+
+    def revoke(self) -> None:
+        """The reactor has work: hand a kept turn back (now, or when the exchange ends)."""
+        if not self._sender:
+            return
+        with self._cv:
+            if not self._sender:
+                return
+            if self._busy:
+                self._revoked = True
+            else:
+                self._give_back()
+
+    def _give_back(self) -> None:
+        self._sender = self._busy = self._revoked = False
+        self._cv.notify_all()
+
+
+class _RspTaker:
+    """The association's `pacsd_fast` hook (scp/tuning._read_pdu_data offers it every
+    P-DATA-TF PDU first): takes the one C-STORE-RSP a sender waits for, in the thread
+    that waits for it, when it is plain (one PDV, whole command set); else declines."""
+
+    __slots__ = ("cx_id", "msg_id", "rsp", "thread")
+
+    def __init__(self) -> None:
+        self.thread = 0
+        self.cx_id = self.msg_id = -1
+        self.rsp: C_STORE | None = None
+
+    def feed(self, body: bytearray) -> bool:
+        if self.thread != threading.get_ident() or len(body) < 6:
+            return False
+        (n,) = _U32.unpack_from(body, 0)
+        if n + 4 != len(body) or body[4] != self.cx_id or body[5] != _COMMAND_LAST:
+            return False
+        rsp = decode_store_rsp(memoryview(body)[6:])
+        if rsp is None or rsp.MessageIDBeingRespondedTo != self.msg_id:
+            return False
+        self.rsp = rsp
+        return True
+
+
+_U32 = struct.Struct(">I")
+
+
+def _lease(assoc: Any) -> SocketLease | None:
+    """This association's socket lease (installed once), or None when it cannot have
+    one (another `pacsd_fast` hook, e.g. the C-STORE receive path, owns its reads)."""
+    dul = assoc.dul
+    lease: SocketLease | None = getattr(dul, "_pacsd_lease", None)
+    if lease is not None:
+        return lease
+    if getattr(assoc, "pacsd_fast", None) is not None or not hasattr(dul, "_pacsd_wake_w"):
+        return None
+    from pacsd.scp import tuning
+
+    lease = SocketLease(lambda: tuning._wake(dul))
+    send_pdu, kill_dul = dul.send_pdu, dul.kill_dul
+
+    def send_pdu_revoking(primitive: Any) -> None:
+        send_pdu(primitive)
+        lease.revoke()
+
+    def kill_revoking() -> None:
+        kill_dul()
+        lease.revoke()
+
+    dul.send_pdu = send_pdu_revoking
+    dul.kill_dul = kill_revoking
+    _install_rsp(assoc.dimse)  # for a response the reactor reads after all
+    assoc.pacsd_fast = _RspTaker()
+    dul._pacsd_lease = lease  # last: from here on the reactor honours it
+    return lease
+
+
+# --------------------------------------------------------------------------- prepared
+# Objects up to this size are read whole, hashed and framed ahead (store/retrieve.py
+# VerifyAhead, in its own thread); larger ones are streamed from their verified file.
+PREPARE_MAX = 8 * 1024 * 1024
+# Bytes kept free in front of a prepared dataset for the C-STORE-RQ command PDU (its
+# message ID is only known when it is sent); a command that does not fit goes alone.
+HEADROOM = 512
+
+
+class Prepared:
+    """One verified object framed for one association: `frames` holds HEADROOM spare
+    bytes, then the dataset as P-DATA-TF PDUs — the very bytes that were hashed."""
+
+    __slots__ = ("context_id", "frames", "meta", "owner")
+
+    def __init__(self, meta: FileMeta, context_id: int, frames: bytearray,
+                 owner: object) -> None:
+        self.meta = meta
+        self.context_id = context_id
+        self.frames = frames
+        self.owner = owner
+
+    def with_command(self, cmd: bytes) -> list[memoryview | bytes]:
+        """What to send: the command PDU and the dataset PDUs (one buffer when the
+        command fits in the headroom)."""
+        pdu = _PDU.pack(0x04, 0, len(cmd) + 6, len(cmd) + 2, self.context_id,
+                        _COMMAND_LAST) + cmd
+        data = memoryview(self.frames)
+        if len(pdu) > HEADROOM:
+            return [pdu, data[HEADROOM:]]
+        start = HEADROOM - len(pdu)
+        data[start:HEADROOM] = pdu
+        return [data[start:]]
+
+    def close(self) -> None:
+        self.frames = bytearray()
+
+
+def frame(data: memoryview, cx_id: int, fragment: int, headroom: int = HEADROOM,
+          ) -> tuple[bytearray, list[memoryview]]:
+    """`data` (a dataset) as P-DATA-TF PDUs of at most `fragment` bytes of it each, after
+    `headroom` free bytes; and views of each fragment inside that buffer, in order (their
+    concatenation is `data`: what a hash of the sent bytes must cover)."""
+    length = len(data)
+    n = max(1, math.ceil(length / fragment))
+    out = bytearray(headroom + n * _HEADER + length)
+    view = memoryview(out)
+    views = []
+    o = headroom
+    for i in range(n):
+        a = i * fragment
+        m = min(fragment, length - a)
+        _PDU.pack_into(out, o, 0x04, 0, m + 6, m + 2, cx_id,
+                       _DATA_LAST if i == n - 1 else _DATA_MORE)
+        o += _HEADER
+        out[o:o + m] = data[a:a + m]
+        views.append(view[o:o + m])
+        o += m
+    return out, views
+
+
+class Framer:
+    """Frames whole Part 10 objects for one association (VerifyAhead calls it in its
+    thread): the fragment size and the presentation context per (SOP class, transfer
+    syntax) are fixed once the association is established."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.owner = assoc
+        peer_max = int(assoc.dimse.maximum_pdu_size or 0)
+        self.fragment = MAX_FRAGMENT if peer_max == 0 else min(peer_max - 6, MAX_FRAGMENT)
+        self._contexts: dict[tuple[str, str], int | None] = {}
+
+    def context_id(self, meta: FileMeta) -> int | None:
+        key = (meta.sop_class_uid, meta.transfer_syntax_uid)
+        if key not in self._contexts:
+            self._contexts[key] = _exact_context(self.owner, meta)
+        return self._contexts[key]
+
+    def __call__(self, data: memoryview) -> tuple[Prepared, list[memoryview]] | None:
+        """(the framed object, the pieces whose concatenation is the whole file: what to
+        hash), or None when it cannot be sent framed (no exact context, odd meta)."""
+        if self.fragment < 512:
+            return None
+        try:
+            meta = parse_meta(data)
+        except Unsupported:
+            return None
+        cx_id = self.context_id(meta)
+        if cx_id is None:
+            return None
+        frames, views = frame(data[meta.dataset_offset:], cx_id, self.fragment)
+        return (Prepared(meta, cx_id, frames, self.owner),
+                [data[:meta.dataset_offset], *views])
+
+
+def _exact_context(assoc: Any, meta: FileMeta) -> int | None:
+    try:
+        context = assoc._get_valid_context(meta.sop_class_uid, meta.transfer_syntax_uid,
+                                           "scu", allow_conversion=False)
+    except ValueError:
+        return None
+    if str(context.transfer_syntax[0]) != meta.transfer_syntax_uid:
+        return None
+    return int(context.context_id)
+
+
 # --------------------------------------------------------------------------- send
-def send_c_store(assoc: Any, f: IO[bytes], *, msg_id: int = 1, priority: int = 2,
-                 originator_aet: str | None = None, originator_id: int | None = None,
-                 ) -> Dataset:
+def send_c_store(assoc: Any, f: IO[bytes] | Prepared, *, msg_id: int = 1,
+                 priority: int = 2, originator_aet: str | None = None,
+                 originator_id: int | None = None, direct: bool = False) -> Dataset:
     """pynetdicom's `Association.send_c_store(path, ...)` for a verified, open Part 10
-    file, sent as stored. Returns the response status Dataset (empty when no response
-    came; the association is then aborted, as pynetdicom does).
+    file (or a Prepared one), sent as stored. Returns the response status Dataset (empty
+    when no response came; the association is then aborted, as pynetdicom does).
+
+    `direct`: this thread writes the PDUs and reads the response itself, holding the
+    association's SocketLease (a C-MOVE sub-association: its peer only answers);
+    otherwise they go through the DUL thread.
 
     Raises Unsupported before sending anything when the fast path cannot be used,
     RuntimeError when the association is not established, ConnectionError when it ends
@@ -309,57 +598,152 @@ def send_c_store(assoc: Any, f: IO[bytes], *, msg_id: int = 1, priority: int = 2
     if not assoc.is_established:
         raise RuntimeError("The association with a peer SCP must be established before "
                            "sending a C-STORE request")
-    meta = read_meta(f)
-    try:
-        context = assoc._get_valid_context(meta.sop_class_uid, meta.transfer_syntax_uid,
-                                           "scu", allow_conversion=False)
-    except ValueError as exc:
-        raise Unsupported(str(exc)) from None
-    if str(context.transfer_syntax[0]) != meta.transfer_syntax_uid:
-        raise Unsupported("accepted transfer syntax differs from the stored one")
-    end = f.seek(0, 2)
-    length = end - meta.dataset_offset
-    f.seek(meta.dataset_offset)
-    cmd = encode_store_rq(meta.sop_class_uid, meta.sop_instance_uid, msg_id, priority,
-                          originator_aet, originator_id)
-    peer_max = int(assoc.dimse.maximum_pdu_size or 0)
-    fragment = MAX_FRAGMENT if peer_max == 0 else min(peer_max - 6, MAX_FRAGMENT)
-    if fragment < len(cmd):
-        raise Unsupported(f"peer maximum PDU length {peer_max} below the command set")
+    buffers: Iterable[bytes | memoryview | bytearray]
+    if isinstance(f, Prepared):
+        if f.owner is not assoc:
+            raise Unsupported("framed for another association")
+        meta, cx_id = f.meta, f.context_id
+        cmd = encode_store_rq(meta.sop_class_uid, meta.sop_instance_uid, msg_id, priority,
+                              originator_aet, originator_id)
+        buffers = f.with_command(cmd)
+    else:
+        meta = read_meta(f)
+        found = _exact_context(assoc, meta)
+        if found is None:
+            raise Unsupported("no accepted context with the stored transfer syntax")
+        cx_id = found
+        end = f.seek(0, 2)
+        length = end - meta.dataset_offset
+        f.seek(meta.dataset_offset)
+        cmd = encode_store_rq(meta.sop_class_uid, meta.sop_instance_uid, msg_id, priority,
+                              originator_aet, originator_id)
+        peer_max = int(assoc.dimse.maximum_pdu_size or 0)
+        fragment = MAX_FRAGMENT if peer_max == 0 else min(peer_max - 6, MAX_FRAGMENT)
+        if fragment < len(cmd):
+            raise Unsupported(f"peer maximum PDU length {peer_max} below the command set")
+        buffers = (buf for buf, _ in _buffers(f, length, cx_id, fragment, cmd))
+    lease = _lease(assoc) if direct else None
+    if lease is not None:
+        return _exchange(assoc, lease, buffers, cx_id, msg_id)
+    return _via_dul(assoc, buffers, cx_id)
 
+
+def _pause_reactor(assoc: Any) -> bool:
+    """Keep the association's reactor off the message queue (our response is ours);
+    False when we are the reactor."""
+    if threading.current_thread() is assoc:
+        return False
+    assoc._reactor_checkpoint.clear()
+    assoc._pacsd_paused = True
+    return True
+
+
+def _wait_paused(assoc: Any) -> None:
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+
+
+def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int,
+              msg_id: int) -> Dataset:
+    """Send and read the C-STORE-RSP in this thread, holding the socket lease."""
     dul = assoc.dul
-    _install(dul)
-    _install_rsp(assoc.dimse)
-    in_reactor = threading.current_thread() is assoc
-    if not in_reactor:
-        assoc._reactor_checkpoint.clear()  # the reactor must not take our response
-        assoc._pacsd_paused = True
-    cx_id = int(context.context_id)
-    slots = threading.Semaphore(IN_FLIGHT)
-    sent = False
+    paused = _pause_reactor(assoc)
+    if not _alive(assoc):
+        raise ConnectionError("association ended before the C-STORE was sent")
+    lease.begin(lambda: _alive(assoc))
+    taker: _RspTaker = assoc.pacsd_fast
+    keep, sent, timed_out, rsp = False, False, False, None
     try:
-        for buf, last in _buffers(f, length, cx_id, fragment, cmd):
-            if last and not in_reactor:
-                # the response can only come after the last fragment: make sure the
-                # reactor is paused before it can
-                while not assoc._is_paused:
-                    time.sleep(0.0001)
-            _queue(assoc, dul, _Frames(buf, slots), cx_id, slots)
-            sent = True
+        raw = dul.socket.socket
+        try:
+            for buf in buffers:
+                raw.sendall(buf)
+                sent = True
+        except OSError:
+            dul.event_queue.put("Evt17")  # transport closed, as AssociationSocket.send
+            raise ConnectionError("association ended while sending a C-STORE dataset") \
+                from None
+        if paused:
+            _wait_paused(assoc)
+        if not _readable(raw, assoc.dimse_timeout):
+            timed_out = True
+        else:
+            taker.cx_id, taker.msg_id, taker.rsp = cx_id, msg_id, None
+            taker.thread = threading.get_ident()
+            try:
+                dul._read_pdu_data()  # as the reactor would; ours is kept by the taker
+            finally:
+                taker.thread = 0
+            rsp, taker.rsp = taker.rsp, None
+            dul._idle_timer.restart()
+            keep = rsp is not None  # anything else is now queued for the reactor
     except BaseException:
+        lease.end(keep=False)
         if sent and _alive(assoc):
             # part of the message is out and the rest cannot follow: only an abort
             # leaves the peer in a defined state (PS3.8 7.3.1)
             assoc.abort()
         resume(assoc)
         raise
+    lease.end(keep=keep)
+    if timed_out:
+        assoc._pacsd_paused = False
+        assoc._reactor_checkpoint.set()
+        assoc._handle_no_response()
+        return Dataset()
+    if rsp is None:  # the reactor takes it from here (abort, release, unusual response)
+        return _response(assoc, paused)
+    status: Dataset = assoc._check_received_status(rsp)
+    return status
+
+
+def _readable(raw: Any, timeout: float | None) -> bool:
+    if isinstance(raw, ssl.SSLSocket) and raw.pending():
+        return True
+    p = select.poll()
+    p.register(raw, select.POLLIN)
+    return bool(p.poll(None if timeout is None else max(0.0, float(timeout)) * 1000))
+
+
+def _via_dul(assoc: Any, buffers: Iterable[Any], cx_id: int) -> Dataset:
+    """Hand the PDUs to the DUL thread (IN_FLIGHT buffers at most) and wait for the
+    response on the DIMSE queue."""
+    dul = assoc.dul
+    _install(dul)
+    _install_rsp(assoc.dimse)
+    paused = _pause_reactor(assoc)
+    slots = threading.Semaphore(IN_FLIGHT)
+    sent = False
+    try:
+        pending = None
+        for buf in buffers:
+            if pending is not None:
+                _queue(assoc, dul, _Frames(pending, slots), cx_id, slots)
+                sent = True
+            pending = buf
+        if pending is not None:
+            if paused:
+                # the response can only come after the last fragment: make sure the
+                # reactor is paused before it can
+                _wait_paused(assoc)
+            _queue(assoc, dul, _Frames(pending, slots), cx_id, slots)
+            sent = True
+    except BaseException:
+        if sent and _alive(assoc):
+            assoc.abort()
+        resume(assoc)
+        raise
+    return _response(assoc, paused)
+
+
+def _response(assoc: Any, paused: bool) -> Dataset:
     _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:  # DIMSE timeout or the peer went away
         assoc._pacsd_paused = False
         assoc._reactor_checkpoint.set()
         assoc._handle_no_response()
         return Dataset()
-    if not in_reactor:
+    if paused:
         resume(assoc)
     status: Dataset = assoc._check_received_status(rsp)
     return status
@@ -424,5 +808,6 @@ def _read_exact(f: IO[bytes], view: memoryview) -> None:
         got += n
 
 
-__all__ = ["FileMeta", "Unsupported", "decode_store_rsp", "encode_retrieve_pending",
-           "encode_store_rq", "read_meta", "resume", "send_c_store"]
+__all__ = ["PREPARE_MAX", "FileMeta", "Framer", "Prepared", "SocketLease", "Unsupported",
+           "decode_store_rsp", "encode_retrieve_pending", "encode_store_rq", "frame",
+           "parse_meta", "read_meta", "resume", "send_c_store"]

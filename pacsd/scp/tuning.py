@@ -144,6 +144,11 @@ def _dul_loop(self: Any, wake_r: int) -> None:
     self._idle_timer.start()
     sleep = False
     while True:
+        # scp/sender.SocketLease: a C-MOVE sender may take this socket between two
+        # iterations (this thread then parks here, touching nothing, until it is back)
+        lease = getattr(self, "_pacsd_lease", None)
+        if lease is not None:
+            lease.dul_yield(self)
         if not self.assoc._dul_ready.is_set():
             self.assoc._dul_ready.set()
             sleep = True

@@ -14,21 +14,23 @@ private temp copy under the object root's `.tmp`, removed afterwards.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from pacsd.store.envelope import MAGIC, is_envelope
 from pacsd.store.objects import READ_CHUNK, IntegrityError
 from pacsd.store.query import Query, Selected, select_instances
 
-__all__ = ["IntegrityError", "Selected", "Tally", "VerifyAhead", "path_of", "select",
-           "verified_open", "verified_source"]
+__all__ = ["IntegrityError", "Selected", "Tally", "VerifyAhead", "path_of", "read_framed",
+           "select", "verified_open", "verified_source"]
 
 MAX_SUBOPERATIONS = 65535  # the response counts are US (PS3.4 C.4.2.3)
 _PROC_FD = Path("/proc/self/fd")
@@ -114,24 +116,45 @@ def _private_copy(f: Any, tmp_dir: Path | None) -> Iterator[str]:
             Path(name).unlink()
 
 
+# A framer (scp/sender.Framer) turns a whole object's bytes into what is sent on one
+# association, or None when it cannot; `pieces` concatenate to the whole file and are
+# views into the framed buffer wherever its bytes are sent, so hashing them hashes the
+# very bytes that go out.
+Framer = Callable[[memoryview], "tuple[Closeable, list[memoryview]] | None"]
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
+
+
 class VerifyAhead:
     """Opens a retrieve's objects verified, in order, the next one verified in a background
     thread while the current one is sent (hashing and file reads release the GIL, so on
     two cores the check costs the sender little wall time). An object is still never
     handed out before its check passed; one that is never asked for is closed unsent.
+
+    With a `framer` (set once the association that carries the C-STOREs is up), a plain
+    object of at most `limit` bytes is read once into memory, framed for that
+    association, and the framed bytes are hashed: what is handed out (the framer's
+    object) holds exactly the bytes that were verified, and nothing is read again.
+    Encrypted, larger or unframeable objects are opened verified as before (a file).
+    At most one object is held ahead.
     """
 
-    def __init__(self, store: _VerifiedReader, order: list[Selected]) -> None:
+    def __init__(self, store: _VerifiedReader, order: list[Selected], *,
+                 framer: Framer | None = None, limit: int = 8 * 1024 * 1024) -> None:
         self._store = store
         self._order = order
         self._index = {s.sha256 + s.sop_instance_uid: i for i, s in enumerate(order)}
-        self._next: tuple[str, Future[IO[bytes]]] | None = None
+        self._next: tuple[str, Future[Any]] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
+        self.framer = framer
+        self.limit = limit
 
-    def open(self, sel: Selected) -> IO[bytes]:
-        """`sel`'s verified file at offset 0 (the caller closes it); raises IntegrityError.
-        Starts verifying the object after `sel`."""
+    def open(self, sel: Selected) -> Any:
+        """`sel`'s verified file at offset 0, or the framer's object for it (the caller
+        closes either); raises IntegrityError. Starts verifying the object after `sel`."""
         key = sel.sha256 + sel.sop_instance_uid
         nxt, self._next = self._next, None
         try:
@@ -139,10 +162,17 @@ class VerifyAhead:
                 return nxt[1].result()
             if nxt is not None:
                 _discard(nxt[1])
-            f: IO[bytes] = self._store.open_verified(sel.sha256)
-            return f
+            return self._load(sel)
         finally:
             self._ahead(key)
+
+    def _load(self, sel: Selected) -> Any:
+        framer = self.framer
+        if framer is not None and sel.size <= self.limit:
+            framed = read_framed(self._store, sel.sha256, framer, self.limit)
+            if framed is not None:
+                return framed
+        return self._store.open_verified(sel.sha256)
 
     def _ahead(self, key: str) -> None:
         i = self._index.get(key)
@@ -152,7 +182,7 @@ class VerifyAhead:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="pacsd-verify")
         self._next = (after.sha256 + after.sop_instance_uid,
-                      self._pool.submit(self._store.open_verified, after.sha256))
+                      self._pool.submit(self._load, after))
 
     def close(self) -> None:
         """Close what was verified but not asked for; stop the thread (idempotent)."""
@@ -164,8 +194,55 @@ class VerifyAhead:
             self._pool.shutdown(wait=False)
 
 
-def _discard(fut: Future[IO[bytes]]) -> None:
-    def close(done: Future[IO[bytes]]) -> None:
+def read_framed(store: Any, sha256: str, framer: Framer, limit: int) -> Closeable | None:
+    """A plain stored object read once, framed by `framer`, and verified over the framed
+    bytes; None when it is encrypted, larger than `limit`, not framed, or the store has
+    no plain files (the caller then opens it verified as a file).
+
+    Raises IntegrityError when it is missing or does not hash to its name.
+    """
+    objects = getattr(store, "objects", store)
+    path_for = getattr(objects, "path_for", None)
+    if path_for is None:
+        return None
+    p = path_for(sha256)
+    try:
+        f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        raise IntegrityError(f"{p}: object missing", sha256=sha256, path=p,
+                             actual=None) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            return None
+        data = bytearray(size)
+        view = memoryview(data)
+        got = 0
+        while got < size:
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    if is_envelope(bytes(view[:len(MAGIC)])):
+        return None
+    framed = framer(view[:got])
+    if framed is None:
+        return None
+    obj, pieces = framed
+    h = hashlib.sha256()
+    for piece in pieces:
+        h.update(piece)
+    del pieces, view
+    actual = h.hexdigest()
+    if actual != sha256:
+        obj.close()
+        raise IntegrityError(f"{p}: content hashes to {actual}, not its name",
+                             sha256=sha256, path=p, actual=actual)
+    return obj
+
+
+def _discard(fut: Future[Any]) -> None:
+    def close(done: Future[Any]) -> None:
         with contextlib.suppress(Exception):  # its failure was never part of a send
             done.result().close()
 
