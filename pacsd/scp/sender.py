@@ -5,24 +5,40 @@ size DCMTK and most workstations offer) is a Python object queued to the DUL thr
 turned into a P-DATA-TF PDU by its state machine and written with its own `send`. A
 500 MB study is ~32,000 such round trips, and that, not TLS or hashing, bounded C-MOVE.
 
-Here the sending thread frames the stored file's dataset bytes (everything after the
-File Meta Information: stored objects are sent as stored) into P-DATA-TF PDUs of the
-peer's maximum length itself, about 1 MiB of PDUs per buffer, and hands each buffer to
-the DUL thread as one ordinary P-DATA primitive carrying a `_Frames` marker. The DUL
-thread takes it through its state machine as usual (Sta6 + Evt9 -> DT-1: socket writes
-stay in the one thread that owns the TLS socket, and the association's state stays
-pynetdicom's), and a per-association hook on `dul._send` writes the pre-framed bytes
-with one `sendall` instead of encoding a PDU. At most `IN_FLIGHT` buffers are queued, so
-memory stays bounded whatever the object's size. The C-STORE-RQ command set is encoded
-by hand (byte-identical to pynetdicom's, unit-tested); the C-STORE-RSP comes back
-through pynetdicom's receive path, except that a plain one (all of it in one PDV) is
-decoded by hand into the same primitive (`decode_store_rsp`, unit-tested against
-pynetdicom's decoder) instead of by pydicom, then pynetdicom's status check.
+Here the dataset bytes (everything after the File Meta Information: stored objects are
+sent as stored) are framed by us into P-DATA-TF PDUs of the peer's maximum length, two
+ways:
+- Prepared: a plain object of at most PREPARE_MAX bytes is read once, whole, by
+  store/retrieve.VerifyAhead's thread while the previous one is on the wire; `Framer`
+  (fixed per association: fragment size, context per SOP class) frames it into one
+  buffer with room in front for the command PDU, and the framed bytes themselves are
+  hashed: what is sent is exactly what was verified, and nothing is read twice.
+- streamed: larger and encrypted objects are framed from their verified open file,
+  about 1 MiB of PDUs per buffer (memory bounded whatever the size).
+The C-STORE-RQ command set is encoded by hand (byte-identical to pynetdicom's,
+unit-tested); a plain C-STORE-RSP (all of it in one PDV) is decoded by hand into the
+primitive pynetdicom's decoder would make (`decode_store_rsp`, unit-tested), then
+pynetdicom's status check.
 
-The object must have been verified already (DESIGN §5: `store.open_verified` hashed
-every byte before we read it again here); the file stays open, so what is sent is what
-was verified. `Unsupported` is raised, before anything is sent, when the file cannot
-take this path (no exactly matching accepted presentation context, unusual File Meta
+Who writes and reads. On a C-MOVE sub-association (`direct=True`: its peer only
+answers), the sending thread writes the PDUs and reads the C-STORE-RSP itself: it takes
+the association's `SocketLease`, which parks the DUL reactor at the top of its loop
+(scp/tuning.py calls `dul_yield` there), so the TLS socket is never used by two threads
+at once, and keeps it from one sub-operation to the next (no thread hand-over per
+sub-operation). The response is read with the DUL's own `_read_pdu_data` (same limits,
+timeouts and errors), whose `pacsd_fast` hook gives us the plain C-STORE-RSP we wait for;
+anything else (A-ABORT, A-RELEASE-RQ, an unusual response) is queued for the reactor as
+usual, the lease is handed back and pynetdicom takes it from there. A `send_pdu` or
+`kill_dul` of the association (release, abort) revokes a kept lease; the DIMSE timeout
+is honoured while waiting for the response. Elsewhere (C-GET: the requester may send a
+C-CANCEL any time) the buffers go through the DUL thread as one ordinary P-DATA
+primitive carrying a `_Frames` marker (Sta6 + Evt9 -> DT-1), and a per-association hook
+on `dul._send` writes them with one `sendall`; at most `IN_FLIGHT` buffers are queued.
+
+The object must have been verified already (DESIGN §5): a Prepared one by its framed
+bytes, a file by `store.open_verified`, which keeps it open, so what is sent is what was
+verified. `Unsupported` is raised, before anything is sent, when an object cannot take
+this path (no exactly matching accepted presentation context, unusual File Meta
 Information); the caller then uses pynetdicom's own send_c_store.
 
 The association's reactor is paused for the whole exchange, as pynetdicom's
@@ -201,7 +217,7 @@ _CMD_ELEMENT = struct.Struct("<HHI")
 _US = struct.Struct("<H")
 
 
-def decode_store_rsp(cmd: bytes) -> C_STORE | None:
+def decode_store_rsp(cmd: bytes | memoryview) -> C_STORE | None:
     """The C-STORE-RSP primitive pynetdicom would decode from this command set (Implicit
     VR Little Endian), or None when it is anything else or anything unusual."""
     values: dict[int, bytes] = {}
