@@ -240,7 +240,12 @@ class _Replies:
 
     def _pending_retrieve(self, rsp: Any, context_id: int) -> None:
         """A pending C-MOVE/C-GET-RSP (one after every sub-operation) encoded by hand:
-        same bytes as pynetdicom's, without a pydicom encoder run each time."""
+        same bytes as pynetdicom's, without a pydicom encoder run each time.
+
+        It is queued for the DUL thread without waking it (a pipe write and a thread
+        switch per sub-operation on the C-MOVE's critical path): the DUL sends it at its
+        next turn, at the latest DUL_IDLE_WAIT (20 ms) later, and always before the
+        final response, which is queued behind it and wakes it."""
         cmd = sender.encode_retrieve_pending(
             0x8021 if type(rsp) is C_MOVE else 0x8010, str(rsp.AffectedSOPClassUID),
             int(rsp.MessageIDBeingRespondedTo), int(rsp.NumberOfRemainingSuboperations),
@@ -248,7 +253,12 @@ class _Replies:
             int(rsp.NumberOfWarningSuboperations))
         pdata = P_DATA()
         pdata.presentation_data_value_list = [[context_id, b"\x03" + cmd]]  # type: ignore[list-item]
-        self._dimse.dul.send_pdu(pdata)
+        queue = getattr(self._dimse.dul, "to_provider_queue", None)
+        if queue is None or type(rsp) is not C_MOVE:
+            # C-GET: its C-STOREs share this DUL and wake it anyway
+            self._dimse.dul.send_pdu(pdata)
+        else:
+            queue.put(pdata)
 
     def _pending_find(self, rsp: Any, context_id: int) -> None:
         """A pending C-FIND-RSP without pynetdicom's per-message pydicom encoding of the

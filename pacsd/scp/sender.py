@@ -51,6 +51,7 @@ when an association ends any other way.
 from __future__ import annotations
 
 import math
+import os
 import select
 import ssl
 import struct
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -238,10 +240,12 @@ def decode_store_rsp(cmd: bytes | memoryview) -> C_STORE | None:
         rsp = C_STORE()
         rsp.MessageIDBeingRespondedTo = _US.unpack(values[0x0120])[0]
         rsp.Status = _US.unpack(values[0x0900])[0]
-        for elem, name in ((0x0002, "AffectedSOPClassUID"),
-                           (0x1000, "AffectedSOPInstanceUID")):
+        # the UIDs are only carried along (the status check does not read them): set
+        # without pynetdicom's per-UID validation, the costliest part of a decode
+        for elem, name in ((0x0002, "_affected_sop_class_uid"),
+                           (0x1000, "_affected_sop_instance_uid")):
             if elem in values:
-                setattr(rsp, name, values[elem].rstrip(b"\0 ").decode("ascii") or None)
+                setattr(rsp, name, UID(values[elem].rstrip(b"\0 ").decode("ascii")) or None)
         if 0x0902 in values:
             rsp.ErrorComment = values[0x0902].rstrip(b"\0 ").decode("ascii")  # type: ignore[assignment]
     except (KeyError, struct.error, ValueError, TypeError):
@@ -356,6 +360,7 @@ class SocketLease:
         self._revoked = False  # give the turn back when the exchange ends
         self._parked = False  # the reactor waits in dul_yield
         self._since = 0.0  # when the sender's last exchange ended
+        self.poller: tuple[Any, Any] | None = None  # the sender's poll() on the socket
 
     @property
     def held(self) -> bool:
@@ -499,17 +504,19 @@ HEADROOM = 512
 
 
 class Prepared:
-    """One verified object framed for one association: `frames` holds HEADROOM spare
-    bytes, then the dataset as P-DATA-TF PDUs — the very bytes that were hashed."""
+    """One verified object framed for one association: `frames[:end]` holds HEADROOM
+    spare bytes, then the dataset as P-DATA-TF PDUs — the very bytes that were hashed."""
 
-    __slots__ = ("context_id", "frames", "meta", "owner")
+    __slots__ = ("context_id", "end", "frames", "meta", "owner", "pool")
 
-    def __init__(self, meta: FileMeta, context_id: int, frames: bytearray,
-                 owner: object) -> None:
+    def __init__(self, meta: FileMeta, context_id: int, frames: bytearray, owner: object,
+                 end: int | None = None, pool: _Pool | None = None) -> None:
         self.meta = meta
         self.context_id = context_id
         self.frames = frames
+        self.end = len(frames) if end is None else end
         self.owner = owner
+        self.pool = pool
 
     def with_command(self, cmd: bytes) -> list[memoryview | bytes]:
         """What to send: the command PDU and the dataset PDUs (one buffer when the
@@ -518,13 +525,65 @@ class Prepared:
                         _COMMAND_LAST) + cmd
         data = memoryview(self.frames)
         if len(pdu) > HEADROOM:
-            return [pdu, data[HEADROOM:]]
+            return [pdu, data[HEADROOM:self.end]]
         start = HEADROOM - len(pdu)
         data[start:HEADROOM] = pdu
-        return [data[start:]]
+        return [data[start:self.end]]
+
+    def recycle(self) -> None:
+        """Sent and answered: its buffer may frame a later object (no new allocation,
+        zero-fill and page faults per object). Only once no write of it is pending."""
+        frames, self.frames = self.frames, bytearray()
+        if self.pool is not None and frames:
+            self.pool.give(frames)
 
     def close(self) -> None:
         self.frames = bytearray()
+
+
+class _Pool:
+    """A few frame buffers for reuse (bounded; any thread may give or take)."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._lock = threading.Lock()
+        self._free: list[bytearray] = []
+        self.keep = keep
+
+    def take(self, n: int) -> bytearray:
+        with self._lock:
+            for i, b in enumerate(self._free):
+                if n <= len(b) <= 2 * n:
+                    return self._free.pop(i)
+        return bytearray(n)
+
+    def give(self, b: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(b)
+
+
+def framed_size(length: int, fragment: int, headroom: int = HEADROOM) -> int:
+    """Bytes `layout` needs for a dataset of `length` bytes."""
+    return headroom + max(1, math.ceil(length / fragment)) * _HEADER + length
+
+
+def layout(out: bytearray, length: int, cx_id: int, fragment: int,
+           headroom: int = HEADROOM) -> list[memoryview]:
+    """Write into `out` (at least framed_size bytes) the P-DATA-TF PDU headers for a
+    dataset of `length` bytes in fragments of at most `fragment` bytes, after `headroom`
+    bytes; return the views of the fragments' slots, in order, for the dataset's bytes."""
+    n = max(1, math.ceil(length / fragment))
+    view = memoryview(out)
+    views = []
+    o = headroom
+    for i in range(n):
+        m = min(fragment, length - i * fragment)
+        _PDU.pack_into(out, o, 0x04, 0, m + 6, m + 2, cx_id,
+                       _DATA_LAST if i == n - 1 else _DATA_MORE)
+        o += _HEADER
+        views.append(view[o:o + m])
+        o += m
+    return views
 
 
 def frame(data: memoryview, cx_id: int, fragment: int, headroom: int = HEADROOM,
@@ -532,22 +591,38 @@ def frame(data: memoryview, cx_id: int, fragment: int, headroom: int = HEADROOM,
     """`data` (a dataset) as P-DATA-TF PDUs of at most `fragment` bytes of it each, after
     `headroom` free bytes; and views of each fragment inside that buffer, in order (their
     concatenation is `data`: what a hash of the sent bytes must cover)."""
-    length = len(data)
-    n = max(1, math.ceil(length / fragment))
-    out = bytearray(headroom + n * _HEADER + length)
-    view = memoryview(out)
-    views = []
-    o = headroom
-    for i in range(n):
-        a = i * fragment
-        m = min(fragment, length - a)
-        _PDU.pack_into(out, o, 0x04, 0, m + 6, m + 2, cx_id,
-                       _DATA_LAST if i == n - 1 else _DATA_MORE)
-        o += _HEADER
-        out[o:o + m] = data[a:a + m]
-        views.append(view[o:o + m])
-        o += m
+    out = bytearray(framed_size(len(data), fragment, headroom))
+    views = layout(out, len(data), cx_id, fragment, headroom)
+    o = 0
+    for v in views:
+        v[:] = data[o:o + len(v)]
+        o += len(v)
     return out, views
+
+
+_IOV_MAX = 1024  # buffers per preadv call (Linux's IOV_MAX)
+_HEAD_READ = 8192
+_HEAD_MAX = 65536 + 12 + 4096 + 8  # parse_meta refuses a group element beyond 64 KiB
+
+
+def read_into(fd: int, views: list[memoryview], offset: int) -> int:
+    """Fill `views` from `fd` at `offset` with scatter reads (one preadv for up to
+    IOV_MAX buffers); the bytes read (fewer only at the end of the file)."""
+    got = 0
+    pending = [v for v in views if len(v)]
+    while pending:
+        n = os.preadv(fd, pending[:_IOV_MAX], offset + got)
+        if not n:
+            break
+        got += n
+        i = 0
+        while i < len(pending) and n >= len(pending[i]):
+            n -= len(pending[i])
+            i += 1
+        pending = pending[i:]
+        if n:
+            pending[0] = pending[0][n:]
+    return got
 
 
 class Framer:
@@ -560,6 +635,7 @@ class Framer:
         peer_max = int(assoc.dimse.maximum_pdu_size or 0)
         self.fragment = MAX_FRAGMENT if peer_max == 0 else min(peer_max - 6, MAX_FRAGMENT)
         self._contexts: dict[tuple[str, str], int | None] = {}
+        self.pool = _Pool()
 
     def context_id(self, meta: FileMeta) -> int | None:
         key = (meta.sop_class_uid, meta.transfer_syntax_uid)
@@ -567,21 +643,45 @@ class Framer:
             self._contexts[key] = _exact_context(self.owner, meta)
         return self._contexts[key]
 
-    def __call__(self, data: memoryview) -> tuple[Prepared, list[memoryview]] | None:
-        """(the framed object, the pieces whose concatenation is the whole file: what to
-        hash), or None when it cannot be sent framed (no exact context, odd meta)."""
+    def __call__(self, fd: int, size: int) -> tuple[Prepared, list[memoryview]] | None:
+        """Read the Part 10 file `fd` of `size` bytes straight into the PDUs that carry
+        its dataset: (the framed object, the pieces whose concatenation is what was read
+        of the whole file: what to hash), or None when it cannot be sent framed (no
+        exact context, odd meta)."""
         if self.fragment < 512:
             return None
+        head = os.pread(fd, min(size, _HEAD_READ), 0)
         try:
-            meta = parse_meta(data)
+            try:
+                meta = parse_meta(head, whole=len(head) >= size)
+            except _ReadOn:
+                head = os.pread(fd, min(size, _HEAD_MAX), 0)
+                meta = parse_meta(head, whole=True)
         except Unsupported:
             return None
         cx_id = self.context_id(meta)
         if cx_id is None:
             return None
-        frames, views = frame(data[meta.dataset_offset:], cx_id, self.fragment)
-        return (Prepared(meta, cx_id, frames, self.owner),
-                [data[:meta.dataset_offset], *views])
+        offset = meta.dataset_offset
+        length = max(0, size - offset)
+        n = framed_size(length, self.fragment)
+        frames = self.pool.take(n)
+        views = layout(frames, length, cx_id, self.fragment)
+        got = read_into(fd, views, offset)
+        if got < length:  # the file is shorter than it was: hash what there is
+            views = _cut(views, got)
+        return (Prepared(meta, cx_id, frames, self.owner, n, self.pool),
+                [memoryview(head)[:offset], *views])
+
+
+def _cut(views: list[memoryview], n: int) -> list[memoryview]:
+    out = []
+    for v in views:
+        if n <= 0:
+            break
+        out.append(v[:n])
+        n -= len(v)
+    return out
 
 
 def _exact_context(assoc: Any, meta: FileMeta) -> int | None:
@@ -640,7 +740,10 @@ def send_c_store(assoc: Any, f: IO[bytes] | Prepared, *, msg_id: int = 1,
         buffers = (buf for buf, _ in _buffers(f, length, cx_id, fragment, cmd))
     lease = _lease(assoc) if direct else None
     if lease is not None:
-        return _exchange(assoc, lease, buffers, cx_id, msg_id)
+        status = _exchange(assoc, lease, buffers, cx_id, msg_id)
+        if isinstance(f, Prepared):  # every byte of it is written: its buffer is free
+            f.recycle()
+        return status
     return _via_dul(assoc, buffers, cx_id)
 
 
@@ -681,7 +784,7 @@ def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int
                 from None
         if paused:
             _wait_paused(assoc)
-        if not _readable(raw, assoc.dimse_timeout):
+        if not _readable(lease, raw, assoc.dimse_timeout):
             timed_out = True
         else:
             taker.cx_id, taker.msg_id, taker.rsp = cx_id, msg_id, None
@@ -713,12 +816,15 @@ def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int
     return status
 
 
-def _readable(raw: Any, timeout: float | None) -> bool:
+def _readable(lease: SocketLease, raw: Any, timeout: float | None) -> bool:
     if isinstance(raw, ssl.SSLSocket) and raw.pending():
         return True
-    p = select.poll()
-    p.register(raw, select.POLLIN)
-    return bool(p.poll(None if timeout is None else max(0.0, float(timeout)) * 1000))
+    if lease.poller is None or lease.poller[0] is not raw:
+        p = select.poll()
+        p.register(raw, select.POLLIN)
+        lease.poller = (raw, p)
+    return bool(lease.poller[1].poll(
+        None if timeout is None else max(0.0, float(timeout)) * 1000))
 
 
 def _via_dul(assoc: Any, buffers: Iterable[Any], cx_id: int) -> Dataset:

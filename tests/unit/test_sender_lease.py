@@ -162,6 +162,22 @@ def test_a_command_beyond_the_headroom_goes_alone() -> None:
         (1, 0x03, cmd), (1, 0x02, b"abc")]
 
 
+@pytest.mark.parametrize("length", [0, 5, 16378 * 3, 2_000_000])
+def test_read_into_scatters_the_file_over_the_slots(tmp_path: Path, length: int) -> None:
+    data = bytes((i * 7) & 0xFF for i in range(length + 100))
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    out = bytearray(sender.framed_size(length, 1000))  # > IOV_MAX slots at 2 MB
+    views = sender.layout(out, length, 9, 1000)
+    with open(path, "rb") as f:
+        assert sender.read_into(f.fileno(), views, 100) == length
+        assert b"".join(bytes(v) for v in views) == data[100:]
+        assert [p[1:3] for p in _parse(bytes(out[sender.HEADROOM:]))][-1] == (9, 0x02)
+        out = bytearray(sender.framed_size(length + 50, 1000))
+        views = sender.layout(out, length + 50, 9, 1000)  # the file ends before them
+        assert sender.read_into(f.fileno(), views, 100) == length
+
+
 @pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_parse_meta_equals_read_meta(tmp_path: Path, ts: str) -> None:
     path = _ct(tmp_path / "a.dcm", 3000, ts)
@@ -200,15 +216,22 @@ def test_read_framed_sends_what_it_hashed(dicom_store: Any) -> None:
     p = retrieve.read_framed(store, sels[2].sha256, framer, sender.PREPARE_MAX)
     assert isinstance(p, sender.Prepared) and p.context_id == 5
     offset = sender.parse_meta(datas[2]).dataset_offset
-    body = [frag for *_, frag in _parse(bytes(p.frames[sender.HEADROOM:]))]
+    body = [frag for *_, frag in _parse(bytes(p.frames[sender.HEADROOM:p.end]))]
     assert all(len(f) <= 16378 for f in body)
     assert b"".join(body) == datas[2][offset:]
+    # its buffer, once sent, frames the next object: no stale byte survives
+    p.recycle()
+    q = retrieve.read_framed(store, sels[1].sha256, framer, sender.PREPARE_MAX)
+    assert isinstance(q, sender.Prepared)
+    offset = sender.parse_meta(datas[1]).dataset_offset
+    body = [frag for *_, frag in _parse(bytes(q.frames[sender.HEADROOM:q.end]))]
+    assert b"".join(body) == datas[1][offset:]
 
     class Sloppy(sender.Framer):  # a framing bug changes one sent byte
-        def __call__(self, data: memoryview) -> Any:
-            got = super().__call__(data)
+        def __call__(self, fd: int, size: int) -> Any:
+            got = super().__call__(fd, size)
             assert got is not None
-            got[0].frames[-1] ^= 1
+            got[0].frames[got[0].end - 1] ^= 1
             return got
 
     with pytest.raises(IntegrityError) as e:
@@ -271,8 +294,8 @@ def test_direct_exchange_sends_what_is_stored_and_pynetdicom_carries_on(
             if i % 2:
                 item: Any = open(path, "rb")  # noqa: SIM115 - closed below
             else:
-                data = path.read_bytes()
-                framed = framer(memoryview(bytearray(data)))
+                with open(path, "rb") as g:
+                    framed = framer(g.fileno(), path.stat().st_size)
                 assert framed is not None
                 item = framed[0]
             rsp = sender.send_c_store(assoc, item, msg_id=i + 1, originator_aet="MOVESCU",
