@@ -414,3 +414,51 @@ def test_direct_exchange_peer_abort_midway(tmp_path: Path, tuned: None) -> None:
             assoc.abort()
         s.close()
     assert s.received == []
+
+
+def test_pending_move_rsp_is_queued_without_a_wake() -> None:
+    """qr._Replies: a pending C-MOVE-RSP goes on the DUL's queue as is (sent at its next
+    turn, before the final response queued behind it); a C-GET one through send_pdu."""
+    import queue
+
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+
+    from pacsd.scp import qr
+
+    class Dul:
+        def __init__(self) -> None:
+            self.to_provider_queue: queue.Queue[Any] = queue.Queue()
+            self.woken: list[Any] = []
+
+        def send_pdu(self, p: Any) -> None:
+            self.woken.append(p)
+            self.to_provider_queue.put(p)
+
+    class Dimse:
+        def __init__(self) -> None:
+            self.dul = Dul()
+            self.passed: list[Any] = []
+
+        def send_msg(self, p: Any, cx: int) -> None:
+            self.passed.append(p)
+            self.dul.send_pdu(p)
+
+    for kind, woken in ((C_MOVE, 0), (C_GET, 1)):
+        assoc = type("A", (), {"dimse": Dimse()})()
+        qr._Replies.of(assoc)
+        rsp = kind()
+        rsp.MessageIDBeingRespondedTo = 7
+        rsp.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.2.2.2"
+        rsp.Status = 0xFF00
+        (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+         rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = (1, 2, 0, 0)
+        assoc.dimse.send_msg(rsp, 3)
+        final = kind()
+        final.MessageIDBeingRespondedTo = 7
+        final.Status = 0x0000
+        assoc.dimse.send_msg(final, 3)
+        dul = assoc.dimse.dul
+        assert len(dul.woken) == woken + 1  # the final response always wakes the DUL
+        sent = [dul.to_provider_queue.get_nowait() for _ in range(2)]
+        assert sent[0].presentation_data_value_list[0][1][:1] == b"\x03"
+        assert sent[1] is final and assoc.dimse.passed == [final]
