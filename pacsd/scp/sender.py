@@ -790,12 +790,11 @@ def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int
             taker.cx_id, taker.msg_id, taker.rsp = cx_id, msg_id, None
             taker.thread = threading.get_ident()
             try:
-                dul._read_pdu_data()  # as the reactor would; ours is kept by the taker
+                rsp, keep = _read_response(dul, raw, taker)
             finally:
                 taker.thread = 0
-            rsp, taker.rsp = taker.rsp, None
+                taker.rsp = None
             dul._idle_timer.restart()
-            keep = rsp is not None  # anything else is now queued for the reactor
     except BaseException:
         lease.end(keep=False)
         if sent and _alive(assoc):
@@ -814,6 +813,77 @@ def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int
         return _response(assoc, paused)
     status: Dataset = assoc._check_received_status(rsp)
     return status
+
+
+_RSP_READ = 16384
+
+
+def _read_response(dul: Any, raw: Any, taker: _RspTaker) -> tuple[C_STORE | None, bool]:
+    """Read what the peer sent after our C-STORE-RQ, usually one read of one small PDU.
+
+    Returns (our plain C-STORE-RSP, or None; whether nothing else was read). Every
+    other PDU is checked and queued for the reactor exactly as its own reader
+    (scp/tuning._read_pdu_data) would: decoded PDU and event, Evt19 for an unknown type
+    or an undecodable PDU, Evt17 for a closed connection or a PDU over the limits.
+    """
+    from pacsd.scp import tuning
+
+    def more() -> bytes:
+        try:
+            return raw.recv(_RSP_READ)  # type: ignore[no-any-return]
+        except (OSError, TimeoutError):
+            return b""
+
+    data = more()
+    rsp: C_STORE | None = None
+    while True:
+        if not data:
+            dul.event_queue.put("Evt17")  # connection closed
+            return rsp, False
+        while len(data) < 6:
+            chunk = more()
+            if not chunk:
+                dul.event_queue.put("Evt17")
+                return rsp, False
+            data += chunk
+        pdu_type, _, length = _HEAD.unpack_from(data)
+        if not 0x01 <= pdu_type <= 0x07:
+            dul.event_queue.put("Evt19")  # unknown PDU type
+            return rsp, False
+        sock = dul.socket
+        sock._pacsd_header = bytes(data[:6])
+        try:
+            tuning._check_pdu_length(sock, length)
+        except OSError:
+            dul.event_queue.put("Evt17")
+            return rsp, False
+        sock._pacsd_header = None
+        while len(data) < 6 + length:
+            chunk = more()
+            if not chunk:
+                dul.event_queue.put("Evt17")  # short PDU
+                return rsp, False
+            data += chunk
+        pdu, data = data[:6 + length], data[6 + length:]
+        if (rsp is None and pdu_type == 0x04 and taker.rsp is None
+                and dul.state_machine.current_state == "Sta6"
+                and taker.feed(bytearray(pdu[6:]))):
+            rsp = taker.rsp
+            if not data:
+                return rsp, True
+            continue
+        try:
+            decoded, event = dul._decode_pdu(bytearray(pdu))
+        except Exception:
+            dul.event_queue.put("Evt19")  # undecodable
+            return rsp, False
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)
+        if not data:
+            return rsp, False
+
+
+_HEAD = struct.Struct(">BBL")
 
 
 def _readable(lease: SocketLease, raw: Any, timeout: float | None) -> bool:
