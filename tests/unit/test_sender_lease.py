@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import threading
 import time
 from pathlib import Path
@@ -462,3 +463,92 @@ def test_pending_move_rsp_is_queued_without_a_wake() -> None:
         sent = [dul.to_provider_queue.get_nowait() for _ in range(2)]
         assert sent[0].presentation_data_value_list[0][1][:1] == b"\x03"
         assert sent[1] is final and assoc.dimse.passed == [final]
+
+
+# ---------------------------------------------------------------------------- response read
+class _Raw:
+    """A socket that returns the given chunks, then b'' (closed)."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def recv(self, n: int) -> bytes:
+        return self.chunks.pop(0)[:n] if self.chunks else b""
+
+
+class _Dul:
+    def __init__(self) -> None:
+        import queue
+
+        self.event_queue: queue.Queue[str] = queue.Queue()
+        self._recv_pdu: queue.Queue[Any] = queue.Queue()
+        self.state_machine = type("S", (), {"current_state": "Sta6"})()
+        ae = type("AE", (), {"maximum_pdu_size": 16384})()
+        self.socket = type("Sock", (), {"assoc": type("A", (), {"ae": ae})(),
+                                         "_pacsd_header": None})()
+
+    def _decode_pdu(self, b: bytearray) -> tuple[bytes, str]:
+        return bytes(b), {1: "Evt6", 4: "Evt10", 5: "Evt12", 7: "Evt16"}[b[0]]
+
+    def queued(self) -> list[tuple[str, bytes | None]]:
+        out = []
+        while not self.event_queue.empty():
+            ev = self.event_queue.get()
+            out.append((ev, None if ev in ("Evt17", "Evt19") else self._recv_pdu.get()))
+        return out
+
+
+def _store_rsp(msg_id: int = 7, cx: int = 3, status: int = 0) -> bytes:
+    cmd = b"\x03" + tuning.encode_store_rsp("1.2.840.10008.5.1.4.1.1.2", msg_id, status,
+                                              "1.2.3.4")
+    return struct.pack(">BBIIB", 0x04, 0, len(cmd) + 5, len(cmd) + 1, cx) + cmd
+
+
+def _taker(msg_id: int = 7, cx: int = 3) -> Any:
+    t = sender._RspTaker()
+    t.cx_id, t.msg_id, t.thread = cx, msg_id, threading.get_ident()
+    return t
+
+
+RELEASE_RQ = bytes.fromhex("05000000000400000000")
+ABORT = bytes.fromhex("07000000000400000200")
+
+
+@pytest.mark.parametrize("split", [0, 3, 6, 40])
+def test_response_read_takes_our_store_rsp(split: int) -> None:
+    dul = _Dul()
+    pdu = _store_rsp()
+    chunks = [pdu[:split], pdu[split:]] if split else [pdu]
+    rsp, clean = sender._read_response(dul, _Raw(*chunks), _taker())
+    assert rsp is not None and rsp.Status == 0 and rsp.MessageIDBeingRespondedTo == 7
+    assert clean and dul.queued() == []
+
+
+def test_response_read_queues_everything_else_for_the_reactor() -> None:
+    dul = _Dul()  # our response, then a release request in the same read
+    rsp, clean = sender._read_response(dul, _Raw(_store_rsp() + RELEASE_RQ), _taker())
+    assert rsp is not None and not clean
+    assert dul.queued() == [("Evt12", RELEASE_RQ)]
+    dul = _Dul()  # another message's response, then an abort
+    other = _store_rsp(msg_id=8)
+    rsp, clean = sender._read_response(dul, _Raw(other, ABORT), _taker())
+    assert rsp is None and not clean
+    assert dul.queued() == [("Evt10", other)]  # the abort is the reactor's next read
+    dul = _Dul()
+    rsp, clean = sender._read_response(dul, _Raw(other + ABORT), _taker())
+    assert dul.queued() == [("Evt10", other), ("Evt16", ABORT)]
+
+
+@pytest.mark.parametrize("chunks,event", [
+    ((), "Evt17"),  # closed
+    ((b"\x04\x00\x00",), "Evt17"),  # closed inside the header
+    ((_store_rsp()[:20],), "Evt17"),  # short PDU
+    ((b"\x09\x00\x00\x00\x00\x04abcd",), "Evt19"),  # unknown PDU type
+    ((b"\x04\x00" + struct.pack(">I", 1 << 30),), "Evt17"),  # beyond our maximum PDU
+])
+def test_response_read_errors_as_the_reactor_reads_them(chunks: tuple[bytes, ...],
+                                                        event: str) -> None:
+    dul = _Dul()
+    rsp, clean = sender._read_response(dul, _Raw(*chunks), _taker())
+    assert rsp is None and not clean
+    assert dul.queued() == [(event, None)]
