@@ -412,12 +412,15 @@ class SocketLease:
                 self._cv.notify_all()
 
     def end(self, keep: bool) -> None:
-        """The exchange is over: keep the turn for the next one, or hand it back."""
+        """The exchange is over: keep the turn for the next one, or hand it back (and
+        wake the reactor: what the sender queued for it must not wait for its poll)."""
         with self._cv:
             self._busy = False
             self._since = time.monotonic()
-            if not keep or self._revoked:
-                self._give_back()
+            if keep and not self._revoked:
+                return
+            self._give_back()
+        self._wake()
 
     def revoke(self) -> None:
         """The reactor has work: hand a kept turn back (now, or when the exchange ends)."""

@@ -125,6 +125,23 @@ def test_idle_turn_reclaimed_and_stop_honoured() -> None:
         r.close()
 
 
+def test_handing_back_wakes_the_reactor() -> None:
+    """What a sender queued for the reactor (an abort it read, say) is seen at once, not
+    after the reactor's idle poll."""
+    wakes: list[int] = []
+    r = _Reactor(sender.SocketLease(lambda: wakes.append(1), idle_reclaim=30.0))
+    try:
+        r.lease.begin(lambda: True)
+        n = len(wakes)  # begin woke it to park
+        r.lease.end(keep=True)
+        assert len(wakes) == n
+        r.lease.begin(lambda: True)
+        r.lease.end(keep=False)
+        assert len(wakes) == n + 1
+    finally:
+        r.close()
+
+
 def test_begin_fails_when_the_reactor_is_gone() -> None:
     lease = sender.SocketLease(lambda: None)
     t0 = time.monotonic()
