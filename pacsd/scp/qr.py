@@ -34,7 +34,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.pdu_primitives import P_DATA
@@ -65,6 +67,7 @@ GET_MODELS = {
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9.3.2.2)
 _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 _STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
+_SOP_CLASS_TAG, _SOP_INSTANCE_TAG = Tag(0x00080016), Tag(0x00080018)
 
 
 # ---------------------------------------------------------------------------- wiring
@@ -315,7 +318,8 @@ class _Retrieval:
         self.service = service
         self.tally = retrieve.Tally()
         self.fields: dict[str, Any] = {"service": service, **state.audit_context()}
-        self.pending: dict[str, Selected] = {}
+        self._placeholder = Dataset()
+        self._current: Selected | None = None  # what _placeholder stands for now
         self.refused_destination = ""  # set when the destination's certificate is wrong
         self.established = False
         self.finished = False
@@ -331,10 +335,20 @@ class _Retrieval:
                                           limit=sender.PREPARE_MAX)
 
     def placeholder(self, sel: Selected) -> Dataset:
-        ds = Dataset()
-        ds.SOPClassUID = sel.sop_class_uid
-        ds.SOPInstanceUID = sel.sop_instance_uid
-        self.pending[sel.sop_instance_uid] = sel
+        """The Dataset yielded to pynetdicom for `sel` (SOP Class/Instance UID only).
+
+        One object per retrieval, refilled for every sub-operation (pynetdicom hands it
+        to send_c_store at once and keeps only its SOPInstanceUID, for the failed list),
+        with raw elements pydicom converts only if read: building a Dataset per instance
+        cost the sending thread ~40 us per sub-operation."""
+        ds = self._placeholder
+        for tag, uid in ((_SOP_CLASS_TAG, sel.sop_class_uid),
+                         (_SOP_INSTANCE_TAG, sel.sop_instance_uid)):
+            value = uid.encode("ascii")
+            if len(value) % 2:
+                value += b"\0"
+            ds[tag] = RawDataElement(tag, "UI", len(value), value, 0, True, True)
+        self._current = sel
         return ds
 
     def wrap(self, assoc: Any, *, sub_association: bool = False) -> None:
@@ -347,10 +361,8 @@ class _Retrieval:
         self.ahead.framer = sender.Framer(assoc)
 
         def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
-            uid = str(getattr(dataset, "SOPInstanceUID", "")) \
-                if isinstance(dataset, Dataset) else ""
-            sel = self.pending.pop(uid, None)
-            if sel is None:
+            sel, self._current = self._current, None
+            if dataset is not self._placeholder or sel is None:
                 return original(dataset, *args, **kwargs)
             try:
                 return self._send(assoc, original, sel, *args, direct=sub_association,

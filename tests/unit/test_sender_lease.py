@@ -569,3 +569,41 @@ def test_response_read_errors_as_the_reactor_reads_them(chunks: tuple[bytes, ...
     rsp, clean = sender._read_response(dul, _Raw(*chunks), _taker())
     assert rsp is None and not clean
     assert dul.queued() == [(event, None)]
+
+
+def test_placeholder_is_reused_and_dispatched_by_identity() -> None:
+    """qr._Retrieval: one placeholder Dataset per retrieval, refilled per sub-operation;
+    send_c_store of it sends the instance it stands for, anything else is pynetdicom's."""
+    from types import SimpleNamespace
+
+    from pydicom.dataset import Dataset
+
+    from pacsd.scp import qr
+
+    class Assoc:
+        dimse = SimpleNamespace(maximum_pdu_size=16384)
+
+        def send_c_store(self, ds: Any, *args: Any, **kwargs: Any) -> Any:
+            return ("pynetdicom", ds)
+
+    r = qr._Retrieval(SimpleNamespace(store=None),  # type: ignore[arg-type]
+                      SimpleNamespace(audit_context=dict), "get")  # type: ignore[arg-type]
+    sent: list[Any] = []
+    r._send = lambda assoc, original, sel, *a, direct=False, **k: sent.append(  # type: ignore[method-assign]
+        (sel, k["msg_id"], direct)) or "ours"
+    assoc = Assoc()
+    r.wrap(assoc)
+    a = Selected("1.2.3.45", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "0" * 64,
+                 10, "1.2")
+    b = Selected("1.2.3.4567", "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.1.2.1", "1" * 64,
+                 10, "1.2")
+    ph = r.placeholder(a)
+    assert (ph.SOPInstanceUID, ph.SOPClassUID) == ("1.2.3.45", "1.2.840.10008.5.1.4.1.1.2")
+    assert assoc.send_c_store(ph, msg_id=5) == "ours"
+    assert r.placeholder(b) is ph  # the same object, now standing for b
+    assert (ph.SOPInstanceUID, ph.SOPClassUID) == ("1.2.3.4567", "1.2.840.10008.5.1.4.1.1.4")
+    assert assoc.send_c_store(ph, msg_id=6) == "ours"
+    assert assoc.send_c_store(ph, msg_id=7)[0] == "pynetdicom"  # nothing pending for it
+    other = Dataset()
+    assert assoc.send_c_store(other, msg_id=8) == ("pynetdicom", other)
+    assert sent == [(a, 5, False), (b, 6, False)]
