@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
@@ -241,11 +240,12 @@ def decode_store_rsp(cmd: bytes | memoryview) -> C_STORE | None:
         rsp.MessageIDBeingRespondedTo = _US.unpack(values[0x0120])[0]
         rsp.Status = _US.unpack(values[0x0900])[0]
         # the UIDs are only carried along (the status check does not read them): set
-        # without pynetdicom's per-UID validation, the costliest part of a decode
+        # as plain str, without pynetdicom's and pydicom's per-UID regex validation,
+        # which was most of a decode's cost
         for elem, name in ((0x0002, "_affected_sop_class_uid"),
                            (0x1000, "_affected_sop_instance_uid")):
             if elem in values:
-                setattr(rsp, name, UID(values[elem].rstrip(b"\0 ").decode("ascii")) or None)
+                setattr(rsp, name, values[elem].rstrip(b"\0 ").decode("ascii") or None)
         if 0x0902 in values:
             rsp.ErrorComment = values[0x0902].rstrip(b"\0 ").decode("ascii")  # type: ignore[assignment]
     except (KeyError, struct.error, ValueError, TypeError):
