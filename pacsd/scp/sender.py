@@ -701,7 +701,8 @@ def _exact_context(assoc: Any, meta: FileMeta) -> int | None:
 # --------------------------------------------------------------------------- send
 def send_c_store(assoc: Any, f: IO[bytes] | Prepared, *, msg_id: int = 1,
                  priority: int = 2, originator_aet: str | None = None,
-                 originator_id: int | None = None, direct: bool = False) -> Dataset:
+                 originator_id: int | None = None, direct: bool = False,
+                 while_waiting: Callable[[], None] | None = None) -> Dataset:
     """pynetdicom's `Association.send_c_store(path, ...)` for a verified, open Part 10
     file (or a Prepared one), sent as stored. Returns the response status Dataset (empty
     when no response came; the association is then aborted, as pynetdicom does).
@@ -743,7 +744,7 @@ def send_c_store(assoc: Any, f: IO[bytes] | Prepared, *, msg_id: int = 1,
         buffers = (buf for buf, _ in _buffers(f, length, cx_id, fragment, cmd))
     lease = _lease(assoc) if direct else None
     if lease is not None:
-        status = _exchange(assoc, lease, buffers, cx_id, msg_id)
+        status = _exchange(assoc, lease, buffers, cx_id, msg_id, while_waiting)
         if isinstance(f, Prepared):  # every byte of it is written: its buffer is free
             f.recycle()
         return status
@@ -766,7 +767,7 @@ def _wait_paused(assoc: Any) -> None:
 
 
 def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int,
-              msg_id: int) -> Dataset:
+              msg_id: int, while_waiting: Callable[[], None] | None = None) -> Dataset:
     """Send and read the C-STORE-RSP in this thread, holding the socket lease."""
     dul = assoc.dul
     paused = _pause_reactor(assoc)
@@ -787,6 +788,8 @@ def _exchange(assoc: Any, lease: SocketLease, buffers: Iterable[Any], cx_id: int
                 from None
         if paused:
             _wait_paused(assoc)
+        if while_waiting is not None:  # the peer is busy with what we sent
+            while_waiting()
         if not _readable(lease, raw, assoc.dimse_timeout):
             timed_out = True
         else:

@@ -155,6 +155,8 @@ class VerifyAhead:
         self.framer = framer
         self.limit = limit
         self.depth = depth  # objects held verified ahead, at most
+        self.inline = False  # prepare_next() instead of a background thread
+        self._todo: Selected | None = None
 
     def open(self, sel: Selected) -> Any:
         """`sel`'s verified file at offset 0, or the framer's object for it (the caller
@@ -184,6 +186,9 @@ class VerifyAhead:
         i = self._index.get(key)
         if self._closed or i is None:
             return
+        if self.inline:  # prepared by the sender itself, in prepare_next()
+            self._todo = self._order[i + 1] if i + 1 < len(self._order) else None
+            return
         queued = {k for k, _ in self._queued}
         for after in self._order[i + 1:i + 1 + self.depth]:
             k = after.sha256 + after.sop_instance_uid
@@ -192,6 +197,21 @@ class VerifyAhead:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="pacsd-verify")
             self._queued.append((k, self._pool.submit(self._load, after)))
+
+    def prepare_next(self) -> None:
+        """Inline mode: verify (and frame) the object after the one last opened, now, in
+        the caller's thread — the sender calls it while it waits for a response, when
+        its core has nothing else to do. A failure is raised when that object is
+        opened, not here."""
+        todo, self._todo = self._todo, None
+        if todo is None or self._closed:
+            return
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(self._load(todo))
+        except Exception as exc:
+            fut.set_exception(exc)
+        self._queued.append((todo.sha256 + todo.sop_instance_uid, fut))
 
     def close(self) -> None:
         """Close what was verified but not asked for; stop the thread (idempotent)."""
