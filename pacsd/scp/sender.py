@@ -8,11 +8,13 @@ turned into a P-DATA-TF PDU by its state machine and written with its own `send`
 Here the dataset bytes (everything after the File Meta Information: stored objects are
 sent as stored) are framed by us into P-DATA-TF PDUs of the peer's maximum length, two
 ways:
-- Prepared: a plain object of at most PREPARE_MAX bytes is read once, whole, by
-  store/retrieve.VerifyAhead's thread while the previous one is on the wire; `Framer`
-  (fixed per association: fragment size, context per SOP class) frames it into one
-  buffer with room in front for the command PDU, and the framed bytes themselves are
-  hashed: what is sent is exactly what was verified, and nothing is read twice.
+- Prepared: a plain object of at most PREPARE_MAX bytes is read once, with one scatter
+  read straight into its PDUs, by store/retrieve.VerifyAhead before it is needed (on a
+  C-MOVE sub-association by the sending thread itself while it waits for the previous
+  object's response — `while_waiting` —, on C-GET by a background thread); `Framer`
+  (fixed per association: fragment size, context per SOP class) lays out one buffer
+  with room in front for the command PDU, and the framed bytes themselves are hashed:
+  what is sent is exactly what was verified, and nothing is read twice.
 - streamed: larger and encrypted objects are framed from their verified open file,
   about 1 MiB of PDUs per buffer (memory bounded whatever the size).
 The C-STORE-RQ command set is encoded by hand (byte-identical to pynetdicom's,

@@ -140,7 +140,8 @@ class VerifyAhead:
     object) holds exactly the bytes that were verified, and nothing is read again.
     Encrypted, larger or unframeable objects are opened verified as before (a file).
     At most `depth` objects are held ahead (two: slack for the thread's scheduling on a
-    busy machine, ~1 MB for 0.5 MB objects).
+    busy machine, ~1 MB for 0.5 MB objects). In `inline` mode there is no thread: the
+    sender calls `prepare_next()` while it waits for a response (one object ahead).
     """
 
     def __init__(self, store: _VerifiedReader, order: list[Selected], *,
