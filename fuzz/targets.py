@@ -204,7 +204,9 @@ def find_identifier(data: bytes, implicit: bool, model: str, stats: Stats, *,
     QueryError (a DIMSE failure status naming the problem) may come out; anything else
     is answered by scp/qr.py as "unable to process" (C001, a server fault, audited as a
     major failure, traceback logged), which is wrong for a peer's bad input. Results
-    never exceed limit + 1."""
+    never exceed limit + 1. The node answers with `find_encoded` (matches encoded by
+    hand): its bytes must equal pydicom's encoding of what `find` returns, match by
+    match, in both VRs."""
     from pacsd.store import query
 
     stats.executions += 1
@@ -212,8 +214,17 @@ def find_identifier(data: bytes, implicit: bool, model: str, stats: Stats, *,
         with timed("C-FIND"):
             q = query.parse(decode_identifier(data, implicit), model)
             n = 0
-            for _ in query.find(q, limit=limit):
-                n += 1
+            plain = list(query.find(q, limit=limit))
+            for vr in (True, False):
+                fast = list(query.find_encoded(q, limit=limit, implicit_vr=vr))
+                want = [query.encode_dataset(ds, vr) for ds in plain]
+                if fast != want:
+                    at = next((i for i, (a, b) in enumerate(zip(fast, want, strict=False))
+                               if a != b), min(len(fast), len(want)))
+                    raise Finding(f"find_encoded ({'implicit' if vr else 'explicit'} VR) "
+                                  f"differs from find: {len(fast)} vs {len(want)} matches, "
+                                  f"first difference at match {at}")
+            n = len(plain)
     except query.QueryError:
         stats.rejected += 1
         return
