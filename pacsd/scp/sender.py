@@ -9,9 +9,9 @@ Here the dataset bytes (everything after the File Meta Information: stored objec
 sent as stored) are framed by us into P-DATA-TF PDUs of the peer's maximum length, two
 ways:
 - Prepared: a plain object of at most PREPARE_MAX bytes is read once, with one scatter
-  read straight into its PDUs, by store/retrieve.VerifyAhead before it is needed (on a
-  C-MOVE sub-association by the sending thread itself while it waits for the previous
-  object's response — `while_waiting` —, on C-GET by a background thread); `Framer`
+  read straight into its PDUs, by store/retrieve.VerifyAhead's background thread before
+  it is needed (or, optionally, by the sending thread itself while it waits for the
+  previous object's response: `while_waiting`); `Framer`
   (fixed per association: fragment size, context per SOP class) lays out one buffer
   with room in front for the command PDU, and the framed bytes themselves are hashed:
   what is sent is exactly what was verified, and nothing is read twice.
