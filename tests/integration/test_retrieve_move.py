@@ -1,9 +1,9 @@
 """C-MOVE's fast path against a corrupted object.
 
-On a C-MOVE sub-association the next object is read, framed and verified by the sending
-thread itself while it waits for the destination's response (scp/sender.py, VerifyAhead
-inline mode): a corrupted object found that way must still never be sent, must be counted
-as failed and listed, and must raise integrity.failure; the others arrive intact.
+On a C-MOVE sub-association the next object is read, framed into its PDUs and verified
+ahead (store/retrieve.VerifyAhead, scp/sender.py) while the current one is on the wire:
+a corrupted object found that way must still never be sent, must be counted as failed
+and listed, and must raise integrity.failure; the others arrive intact.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def qr_node(node: Node, tmp_path: Path) -> QRNode:
 def test_cmove_corrupted_object_not_sent_counted_and_audited(qr_node: QRNode,
                                                              tmp_path: Path) -> None:
     qr = qr_node
-    bad, good = f"{STUDY}.1.2", f"{STUDY}.1.1"  # the second is verified ahead, inline
+    bad, good = f"{STUDY}.1.2", f"{STUDY}.1.1"  # the second is the one verified ahead
     victim = next(f for f in qr.node.objects.rglob("*.dcm")
                   if pydicom.dcmread(f).SOPInstanceUID == bad)
     raw = bytearray(victim.read_bytes())
