@@ -68,12 +68,6 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8 9
 _UNCOMPRESSED = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 _STORE_WARNINGS = frozenset({0x0001, 0xB000, 0xB006, 0xB007})
 _SOP_CLASS_TAG, _SOP_INSTANCE_TAG = Tag(0x00080016), Tag(0x00080018)
-# C-MOVE: True would have the sending thread read, frame and verify the next object itself
-# while it waits for the destination's C-STORE-RSP instead of VerifyAhead's background
-# thread. Measured on a quiet machine (bench/retrieve --runs 3, back to back): thread
-# 181.5 MB/s, 0.42 s CPU per 100 MB; inline 120.8 MB/s, 0.51 s (under load the two were
-# within the noise). Kept for the A/B.
-INLINE_AHEAD = False
 
 
 # ---------------------------------------------------------------------------- wiring
@@ -365,7 +359,6 @@ class _Retrieval:
         also writes and reads the socket itself (sender's SocketLease)."""
         original = assoc.send_c_store
         self.ahead.framer = sender.Framer(assoc)
-        self.ahead.inline = sub_association and INLINE_AHEAD
 
         def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Any:
             sel, self._current = self._current, None
@@ -390,9 +383,8 @@ class _Retrieval:
             with contextlib.closing(self.ahead.open(sel)) as f:
                 try:
                     # stored transfer syntax accepted: framed ahead, or from the file
-                    rsp = sender.send_c_store(
-                        assoc, f, direct=direct, while_waiting=self.ahead.prepare_next
-                        if self.ahead.inline else None, **_store_args(*args, **kwargs))
+                    rsp = sender.send_c_store(assoc, f, direct=direct,
+                                              **_store_args(*args, **kwargs))
                     self.fast += 1
                 except sender.Unsupported:
                     if isinstance(f, sender.Prepared):  # rare: a file for pynetdicom

@@ -140,8 +140,7 @@ class VerifyAhead:
     object) holds exactly the bytes that were verified, and nothing is read again.
     Encrypted, larger or unframeable objects are opened verified as before (a file).
     At most `depth` objects are held ahead (two: slack for the thread's scheduling on a
-    busy machine, ~1 MB for 0.5 MB objects). In `inline` mode there is no thread: the
-    sender calls `prepare_next()` while it waits for a response (one object ahead).
+    busy machine, ~1 MB for 0.5 MB objects).
     """
 
     def __init__(self, store: _VerifiedReader, order: list[Selected], *,
@@ -156,8 +155,6 @@ class VerifyAhead:
         self.framer = framer
         self.limit = limit
         self.depth = depth  # objects held verified ahead, at most
-        self.inline = False  # prepare_next() instead of a background thread
-        self._todo: Selected | None = None
 
     def open(self, sel: Selected) -> Any:
         """`sel`'s verified file at offset 0, or the framer's object for it (the caller
@@ -187,9 +184,6 @@ class VerifyAhead:
         i = self._index.get(key)
         if self._closed or i is None:
             return
-        if self.inline:  # prepared by the sender itself, in prepare_next()
-            self._todo = self._order[i + 1] if i + 1 < len(self._order) else None
-            return
         queued = {k for k, _ in self._queued}
         for after in self._order[i + 1:i + 1 + self.depth]:
             k = after.sha256 + after.sop_instance_uid
@@ -198,21 +192,6 @@ class VerifyAhead:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="pacsd-verify")
             self._queued.append((k, self._pool.submit(self._load, after)))
-
-    def prepare_next(self) -> None:
-        """Inline mode: verify (and frame) the object after the one last opened, now, in
-        the caller's thread — the sender calls it while it waits for a response, when
-        its core has nothing else to do. A failure is raised when that object is
-        opened, not here."""
-        todo, self._todo = self._todo, None
-        if todo is None or self._closed:
-            return
-        fut: Future[Any] = Future()
-        try:
-            fut.set_result(self._load(todo))
-        except Exception as exc:
-            fut.set_exception(exc)
-        self._queued.append((todo.sha256 + todo.sop_instance_uid, fut))
 
     def close(self) -> None:
         """Close what was verified but not asked for; stop the thread (idempotent)."""

@@ -607,24 +607,3 @@ def test_placeholder_is_reused_and_dispatched_by_identity() -> None:
     other = Dataset()
     assert assoc.send_c_store(other, msg_id=8) == ("pynetdicom", other)
     assert sent == [(a, 5, False), (b, 6, False)]
-
-
-def test_verify_ahead_inline_prepares_in_the_callers_thread(dicom_store: Any) -> None:
-    store, sels, datas = dicom_store
-    victim = store.path_for(sels[2].sha256)
-    victim.chmod(0o600)
-    victim.write_bytes(datas[2][:-1] + b"\xff")
-    ahead = retrieve.VerifyAhead(store, sels, framer=sender.Framer(_FakeAssoc()))
-    ahead.inline = True
-    got = ahead.open(sels[0])
-    assert isinstance(got, sender.Prepared) and not ahead._queued  # nothing in advance
-    ahead.prepare_next()  # what the sender calls while it waits for a response
-    assert [k for k, _ in ahead._queued] == [sels[1].sha256 + sels[1].sop_instance_uid]
-    assert ahead._pool is None  # no thread
-    assert isinstance(ahead.open(sels[1]), sender.Prepared)
-    ahead.prepare_next()  # sels[2] is corrupt: not raised here ...
-    with pytest.raises(IntegrityError):  # ... but when it is asked for
-        ahead.open(sels[2])
-    assert isinstance(ahead.open(sels[3]), sender.Prepared)  # and the retrieve goes on
-    ahead.prepare_next()  # nothing after the last one
-    ahead.close()
