@@ -322,9 +322,16 @@ def test_other_transfer_syntax_is_unsupported_before_anything_is_sent(
     assert [r[0] for r in scp.received] == [2]
 
 
-def test_peer_gone_midway_fails_without_hanging(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["via-dul", "direct"])
+def test_peer_gone_midway_fails_without_hanging(tmp_path: Path, direct: bool) -> None:
     """The destination aborts while a large dataset is being sent: the call ends (an
-    exception or an empty status), the association is no longer established."""
+    exception or an empty status), the association is no longer established. `direct`:
+    this thread writes and reads the socket under the lease (C-MOVE), which is given
+    back."""
+    if direct:
+        from pacsd.scp import tuning
+
+        tuning.apply()  # the DUL loop with its lease hook, as in a worker
     s = _Scp()
     seen = threading.Event()
     pdata = [0]
@@ -343,7 +350,7 @@ def test_peer_gone_midway_fails_without_hanging(tmp_path: Path) -> None:
     try:
         with open(path, "rb") as f:
             try:
-                rsp = sender.send_c_store(assoc, f)
+                rsp = sender.send_c_store(assoc, f, direct=direct)
             except (ConnectionError, RuntimeError):
                 rsp = None
         assert rsp is None or "Status" not in rsp
@@ -353,6 +360,8 @@ def test_peer_gone_midway_fails_without_hanging(tmp_path: Path) -> None:
             threading.Event().wait(0.05)
         assert not assoc.is_established
         assert seen.is_set()
+        if direct:
+            assert not assoc.dul.is_alive() or not assoc.dul._pacsd_lease.held
     finally:
         if assoc.is_established:
             assoc.abort()

@@ -398,42 +398,6 @@ def test_direct_exchange_dimse_timeout_aborts(tmp_path: Path, tuned: None) -> No
         scp.close()
 
 
-def test_direct_exchange_peer_abort_midway(tmp_path: Path, tuned: None) -> None:
-    s = _Scp()
-    seen = threading.Event()
-    pdata = [0]
-
-    def abort_on_data(event: Any) -> None:
-        if type(event.pdu).__name__ != "P_DATA_TF":
-            return
-        pdata[0] += 1
-        if pdata[0] == 20 and not seen.is_set():
-            seen.set()
-            threading.Thread(target=event.assoc.abort, daemon=True).start()
-
-    s.server.bind(evt.EVT_PDU_RECV, abort_on_data)
-    path = _ct(tmp_path / "big.dcm", 20_000_000)
-    assoc = _associate(s.port)
-    try:
-        with open(path, "rb") as f:
-            try:
-                rsp = sender.send_c_store(assoc, f, direct=True)
-            except (ConnectionError, RuntimeError):
-                rsp = None
-        assert rsp is None or "Status" not in rsp
-        for _ in range(100):
-            if not assoc.is_established:
-                break
-            time.sleep(0.05)
-        assert not assoc.is_established and seen.is_set()
-        assert not assoc.dul.is_alive() or not assoc.dul._pacsd_lease.held
-    finally:
-        if assoc.is_established:
-            assoc.abort()
-        s.close()
-    assert s.received == []
-
-
 def test_pending_move_rsp_is_queued_without_a_wake() -> None:
     """qr._Replies: a pending C-MOVE-RSP goes on the DUL's queue as is (sent at its next
     turn, before the final response queued behind it); a C-GET one through send_pdu."""
