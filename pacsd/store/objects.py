@@ -53,6 +53,15 @@ class IntegrityError(ProblemFound):
         self.path = path
         self.actual = actual  # None when the file is missing
 
+    @classmethod
+    def missing(cls, path: Path, sha256: str) -> IntegrityError:
+        return cls(f"{path}: object missing", sha256=sha256, path=path, actual=None)
+
+    @classmethod
+    def mismatch(cls, path: Path, sha256: str, actual: str) -> IntegrityError:
+        return cls(f"{path}: content hashes to {actual}, not its name", sha256=sha256,
+                   path=path, actual=actual)
+
 
 def _fsync(fd: int) -> None:
     os.fsync(fd)
@@ -593,8 +602,7 @@ class ObjectStore:
         try:
             f = open(p, "rb")  # noqa: SIM115 - returned open to the caller
         except FileNotFoundError:
-            raise IntegrityError(f"{p}: object missing", sha256=sha256, path=p,
-                                 actual=None) from None
+            raise IntegrityError.missing(p, sha256) from None
         try:
             if is_envelope(f.read(len(MAGIC))):
                 f.seek(0)
@@ -602,8 +610,7 @@ class ObjectStore:
             f.seek(0)
             actual = _hash_stream(f)
             if actual != sha256:
-                raise IntegrityError(f"{p}: content hashes to {actual}, not its name",
-                                     sha256=sha256, path=p, actual=actual)
+                raise IntegrityError.mismatch(p, sha256, actual)
             f.seek(0)
         except BaseException:
             f.close()

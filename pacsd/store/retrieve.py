@@ -217,8 +217,7 @@ def read_framed(store: Any, sha256: str, framer: Framer, limit: int) -> Closeabl
     try:
         f = open(p, "rb", buffering=0)  # noqa: SIM115 - closed below
     except FileNotFoundError:
-        raise IntegrityError(f"{p}: object missing", sha256=sha256, path=p,
-                             actual=None) from None
+        raise IntegrityError.missing(p, sha256) from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if size > limit or is_envelope(os.pread(f.fileno(), len(MAGIC), 0)):
@@ -234,8 +233,7 @@ def read_framed(store: Any, sha256: str, framer: Framer, limit: int) -> Closeabl
     actual = h.hexdigest()
     if actual != sha256:
         obj.close()
-        raise IntegrityError(f"{p}: content hashes to {actual}, not its name",
-                             sha256=sha256, path=p, actual=actual)
+        raise IntegrityError.mismatch(p, sha256, actual)
     return obj
 
 
