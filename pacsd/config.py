@@ -229,6 +229,8 @@ class QueryConfig:
     max_results: int = _f(1000, integer(1, 10_000_000))
     max_suboperations: int = _f(65535, integer(1, 65535))  # instances per C-MOVE/C-GET
     case_insensitive_names: bool = _f(False, boolean)
+    # C-MOVE/C-GET pending responses: at most one per this many ms (0 = one per sub-op)
+    pending_interval_ms: int = _f(250, integer(0, 60_000))
 
 
 @dataclass(frozen=True)

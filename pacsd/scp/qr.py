@@ -30,6 +30,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,7 +105,7 @@ def _status_ds(code: int, comment: str = "", offending: int | None = None) -> Da
 def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset | None]]:
     """EVT_C_FIND: yields (Pending, identifier) per match, then the final status."""
     state: AssocState = event.assoc.pacsd_state
-    _Replies.of(event.assoc)  # pending responses take the fast path
+    _Replies.of(event.assoc, services.cfg.query.pending_interval_ms / 1000)  # fast pendings
     model = FIND_MODELS.get(str(event.request.AffectedSOPClassUID), STUDY_ROOT)
     fields: dict[str, Any] = {"model": model, **state.audit_context()}
     if not services.permitted(state, "find"):
@@ -195,22 +196,45 @@ def _audit_query(fields: dict[str, Any], outcome: audit.Outcome, **more: Any) ->
 # ---------------------------------------------------------------------------- replies
 class _Replies:
     """Filter on one association's outgoing DIMSE messages: rewrites the final C-MOVE or
-    C-GET response of one request when pynetdicom cannot express the status we mean."""
+    C-GET response of one request when pynetdicom cannot express the status we mean, and
+    thins its pending responses to one per `pending_interval` seconds.
 
-    def __init__(self, assoc: Any) -> None:
+    pynetdicom sends a pending response after every sub-operation; PS3.4 C.4.2.1.4/C.4.3.1.4
+    makes them optional. The first goes out at once (the requestor sees the retrieve
+    started), then one whenever `pending_interval` has passed since the last: a progress
+    report a few times a second instead of a message per object, which the requestor
+    would otherwise decode hundreds of times a second. The final response is never
+    dropped and carries the exact counts."""
+
+    def __init__(self, assoc: Any, pending_interval: float = 0.0) -> None:
         self._send = assoc.dimse.send_msg
         self._dimse = assoc.dimse
         self._lock = threading.Lock()
         self._rewrites: dict[int, Callable[[Any], None]] = {}
+        self.pending_interval = pending_interval
+        self._last_pending: dict[int, float] = {}  # message ID -> when its last pending went
         assoc.dimse.send_msg = self._filter
 
     @classmethod
-    def of(cls, assoc: Any) -> _Replies:
+    def of(cls, assoc: Any, pending_interval: float = 0.0) -> _Replies:
         replies = getattr(assoc, "_pacsd_replies", None)
         if replies is None:
-            replies = cls(assoc)
+            replies = cls(assoc, pending_interval)
             assoc._pacsd_replies = replies
+        replies.pending_interval = pending_interval
         return replies
+
+    def _thinned(self, rsp: Any) -> bool:
+        """True when this pending response is dropped (one went out < interval ago)."""
+        if self.pending_interval <= 0:
+            return False
+        msg_id = int(rsp.MessageIDBeingRespondedTo)
+        now = time.monotonic()
+        last = self._last_pending.get(msg_id)
+        if last is not None and now - last < self.pending_interval:
+            return True
+        self._last_pending[msg_id] = now
+        return False
 
     def rewrite(self, msg_id: int, fn: Callable[[Any], None]) -> None:
         with self._lock:
@@ -230,19 +254,22 @@ class _Replies:
             self._dimse.dul.send_pdu(find.final_pdata(primitive, context_id))
             return
         if type(primitive) in (C_MOVE, C_GET) and _plain_pending(primitive):
-            self._pending_retrieve(primitive, context_id)
+            if not self._thinned(primitive):
+                self._pending_retrieve(primitive, context_id)
             return
         if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (
                 status.PENDING, status.PENDING_WARNING):
+            msg_id = int(primitive.MessageIDBeingRespondedTo or 0)
+            self._last_pending.pop(msg_id, None)
             with self._lock:
-                fn = self._rewrites.pop(int(primitive.MessageIDBeingRespondedTo or 0), None)
+                fn = self._rewrites.pop(msg_id, None)
             if fn is not None:
                 fn(primitive)
         self._send(primitive, context_id)
 
 
     def _pending_retrieve(self, rsp: Any, context_id: int) -> None:
-        """A pending C-MOVE/C-GET-RSP (one after every sub-operation) encoded by hand:
+        """A pending C-MOVE/C-GET-RSP (at most one per pending_interval) encoded by hand:
         same bytes as pynetdicom's, without a pydicom encoder run each time.
 
         It is queued for the DUL thread without waking it (a pipe write and a thread
@@ -512,7 +539,7 @@ def handle_get(event: Any, services: Services) -> Iterator[Any]:
     """EVT_C_GET: yields the number of sub-operations, then one placeholder per instance."""
     state: AssocState = event.assoc.pacsd_state
     r = _Retrieval(services, state, "get")
-    replies = _Replies.of(event.assoc)
+    replies = _Replies.of(event.assoc, services.cfg.query.pending_interval_ms / 1000)
     msg_id = int(event.request.MessageID)
     refusal: tuple[int, str] | None = None
     selected: list[Selected] = []
@@ -585,7 +612,7 @@ def handle_move(event: Any, services: Services) -> Iterator[Any]:
     placeholder per instance (sent over our own TLS sub-association)."""
     state: AssocState = event.assoc.pacsd_state
     r = _Retrieval(services, state, "move")
-    replies = _Replies.of(event.assoc)
+    replies = _Replies.of(event.assoc, services.cfg.query.pending_interval_ms / 1000)
     msg_id = int(event.request.MessageID)
     title = str(event.request.MoveDestination or "").strip()
     r.fields["destination"] = title

@@ -323,6 +323,19 @@ def cmove(assoc: Any, ds: Dataset, dest: str = "DEST") -> tuple[list[Dataset], D
     return pending, final
 
 
+def _check_progress(pending: list[Dataset], n: int) -> None:
+    """Pending responses of an all-successful retrieve of `n` instances under the default
+    pending_interval_ms: the first right after the first sub-operation, then any further
+    ones with consistent, advancing counts (how many depends on the machine's speed)."""
+    assert 1 <= len(pending) <= n
+    assert pending[0].NumberOfCompletedSuboperations == 1
+    done = [p.NumberOfCompletedSuboperations for p in pending]
+    assert done == sorted(set(done))
+    for p in pending:
+        assert p.NumberOfRemainingSuboperations + p.NumberOfCompletedSuboperations == n
+        assert p.NumberOfFailedSuboperations == p.NumberOfWarningSuboperations == 0
+
+
 def _same_dataset(sent: Path, got: Path) -> None:
     a, b = pydicom.dcmread(sent), pydicom.dcmread(got)
     assert a == b
@@ -341,7 +354,7 @@ def test_cmove_to_storescp_over_tls(qr: QRNode, tmp_path: Path) -> None:
         assert final.Status == 0, final
         assert final.NumberOfCompletedSuboperations == 2
         assert final.NumberOfFailedSuboperations == 0
-        assert [p.NumberOfRemainingSuboperations for p in pending] == [1, 0]
+        _check_progress(pending, 2)
         got = {pydicom.dcmread(f).SOPInstanceUID: f for f in scp.files()}
         sent = {pydicom.dcmread(f).SOPInstanceUID: f for f in qr.files[:2]}
         assert got.keys() == sent.keys()
@@ -421,7 +434,7 @@ def test_cget_with_role_selection(qr: QRNode) -> None:
     pending, final, _, received = cget(qr, ident(
         "STUDY", StudyInstanceUID="1.2.826.0.1.3680043.9.7.1"))
     assert final.Status == 0 and final.NumberOfCompletedSuboperations == 2
-    assert len(pending) == 2
+    _check_progress(pending, 2)
     sent = {pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f) for f in qr.files[:2]}
     assert {r.SOPInstanceUID for r in received} == sent.keys()
     for r in received:
@@ -543,8 +556,7 @@ def test_multi_pdu_objects_moved_and_got_intact(qr: QRNode, tmp_path: Path) -> N
         pending, final = cmove(a, ident("STUDY", StudyInstanceUID=study))
         assert final.Status == 0, final
         assert final.NumberOfCompletedSuboperations == 3
-        assert [p.NumberOfRemainingSuboperations for p in pending] == [2, 1, 0]
-        assert [p.NumberOfCompletedSuboperations for p in pending] == [1, 2, 3]
+        _check_progress(pending, 3)
     finally:
         a.release()
         scp.close()
@@ -562,3 +574,37 @@ def test_multi_pdu_objects_moved_and_got_intact(qr: QRNode, tmp_path: Path) -> N
         for r in received:
             ref = pydicom.dcmread(sent[r.SOPInstanceUID])
             assert r.PixelData == ref.PixelData and r.PatientID == ref.PatientID
+
+
+def test_pending_responses_follow_pending_interval(qr: QRNode, tmp_path: Path) -> None:
+    """`[query] pending_interval_ms`: 0 gives a pending response after every sub-operation;
+    a long interval only the first one; the final response has exact counts either way,
+    for C-MOVE and C-GET."""
+    study = "1.2.826.0.1.3680043.9.7.91"
+    files = [make_dataset(tmp_path / f"p{i}.dcm", patient_id="P9", study_uid=study,
+                          series_uid=f"{study}.1", sop_uid=f"{study}.1.{i + 1}",
+                          InstanceNumber=i + 1) for i in range(3)]
+    qr.store(files)
+    scp = StoreSCP(qr, tmp_path / "dest")
+    try:
+        for interval, remaining in ((0, [2, 1, 0]), (60_000, [2])):
+            qr.node.stop()
+            qr.node.set_config("query", "pending_interval_ms", interval)
+            qr.node.start()
+            a = qr.assoc()
+            try:
+                pending, final = cmove(a, ident("STUDY", StudyInstanceUID=study))
+            finally:
+                a.release()
+            assert final.Status == 0 and final.NumberOfCompletedSuboperations == 3, final
+            assert [p.NumberOfRemainingSuboperations for p in pending] == remaining
+            assert [p.NumberOfCompletedSuboperations for p in pending] == \
+                [3 - r for r in remaining]
+            pending, final, _, received = cget(qr, ident("STUDY", StudyInstanceUID=study))
+            assert final.Status == 0 and final.NumberOfCompletedSuboperations == 3, final
+            assert len(received) == 3
+            assert [p.NumberOfRemainingSuboperations for p in pending] == remaining
+    finally:
+        scp.close()
+    got = {pydicom.dcmread(f).SOPInstanceUID for f in scp.files()}  # moved twice, same names
+    assert got == {f"{study}.1.{i + 1}" for i in range(3)}
