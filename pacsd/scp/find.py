@@ -11,8 +11,8 @@ PDU are what pynetdicom would send, except that the command and data set share a
 which PS3.8 9.3.5 allows (pynetdicom and DCMTK read it). The final status still goes
 through pynetdicom, after these (the DUL's queue keeps the order).
 
-All socket I/O stays in the association's DUL thread: `RawFrames` passes through
-`send_pdu` like any P-DATA and a per-association wrapper of `dul._send` writes it as is.
+All socket I/O stays in the association's DUL thread: the PDUs pass through `send_pdu`
+as `scp/frames.Frames` and the DUL writes them as they are.
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ from typing import Any
 
 from pynetdicom.pdu_primitives import P_DATA
 
-from pacsd.scp import status
+from pacsd.scp import frames, status
 
 FLUSH_BYTES = 64 * 1024  # send what is buffered once it reaches this many bytes
 FLUSH_SECONDS = 0.05  # ... or once the oldest buffered match has waited this long
 IMPLICIT_LE = "1.2.840.10008.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
-
-
-class RawFrames(bytes):
-    """Complete, encoded P-DATA-TF PDUs, carried through pynetdicom's DUL queue."""
 
 
 def _cmd_element(elem: int, value: bytes) -> bytes:
@@ -99,30 +95,12 @@ def frame_pending(command: bytes, identifier: bytes, context_id: int, max_pdu: i
     return b"".join(out)
 
 
-def _install(dul: Any) -> None:
-    """Make this DUL write RawFrames as they are (once per association)."""
-    if getattr(dul, "_pacsd_raw_frames", False):
-        return
-    original = dul._send
-
-    def send(pdu: Any) -> None:
-        items = getattr(pdu, "presentation_data_value_items", None)
-        if items and type(items[0].presentation_data_value) is RawFrames:
-            if dul.socket is not None:
-                dul.socket.send(items[0].presentation_data_value)
-            return
-        original(pdu)
-
-    dul._send = send
-    dul._pacsd_raw_frames = True
-
-
 class PendingSender:
     """Buffers a request's pending responses and hands them to the DUL in batches."""
 
     def __init__(self, assoc: Any, context_id: int, sop_class: str, message_id: int) -> None:
         self._dul = assoc.dimse.dul
-        _install(self._dul)
+        frames.install(self._dul)
         self._context_id = context_id
         self._max_pdu = int(assoc.dimse.maximum_pdu_size or 0)
         self._command = encode_find_pending(sop_class, message_id)
@@ -146,8 +124,8 @@ class PendingSender:
         n = len(identifier)
         length = len(self._command_pdv) + 6 + n
         if self._max_pdu and length > self._max_pdu:
-            frames = frame_pending(self._command, identifier, self._context_id, self._max_pdu)
-            self._buffer.append(frames)
+            framed = frame_pending(self._command, identifier, self._context_id, self._max_pdu)
+            self._buffer.append(framed)
         else:
             self._buffer += (_PDU_HEAD(0x04, 0x00, length), self._command_pdv,
                              _LENGTH(n + 2), self._data_id, identifier)
@@ -158,11 +136,8 @@ class PendingSender:
     def flush(self) -> None:
         if not self._buffer:
             return
-        pdata = P_DATA()
-        frames = RawFrames(b"".join(self._buffer))
-        # pynetdicom's setter wants [ID, PDV] lists (its annotation says tuples)
-        pdata.presentation_data_value_list = [[self._context_id, frames]]  # type: ignore[list-item]
-        self._dul.send_pdu(pdata)
+        self._dul.send_pdu(frames.pdata(self._context_id,
+                                        frames.Frames(b"".join(self._buffer))))
         self._buffer.clear()
         self._size = 0
 

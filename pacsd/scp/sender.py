@@ -34,8 +34,8 @@ usual, the lease is handed back and pynetdicom takes it from there. A `send_pdu`
 `kill_dul` of the association (release, abort) revokes a kept lease; the DIMSE timeout
 is honoured while waiting for the response. Elsewhere (C-GET: the requester may send a
 C-CANCEL any time) the buffers go through the DUL thread as one ordinary P-DATA
-primitive carrying a `_Frames` marker (Sta6 + Evt9 -> DT-1), and a per-association hook
-on `dul._send` writes them with one `sendall`; at most `IN_FLIGHT` buffers are queued.
+primitive carrying `scp/frames.Frames` (Sta6 + Evt9 -> DT-1), which the DUL writes with
+one `sendall`; at most `IN_FLIGHT` buffers are queued.
 
 The object must have been verified already (DESIGN §5): a Prepared one by its framed
 bytes, a file by `store.open_verified`, which keeps it open, so what is sent is what was
@@ -65,7 +65,8 @@ from typing import IO, Any
 
 from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import P_DATA
+
+from pacsd.scp import frames
 
 # Bytes of PDUs per buffer handed to the DUL thread, and how many may be queued.
 BUFFER_BYTES = 1024 * 1024
@@ -273,47 +274,6 @@ def _install_rsp(dimse: Any) -> None:
 
     dimse.receive_primitive = receive
     dimse._pacsd_rsp = True
-
-
-# --------------------------------------------------------------------------- DUL hook
-class _Frames:
-    """Pre-framed P-DATA-TF PDUs riding through the DUL as one P-DATA primitive."""
-
-    __slots__ = ("data", "slots")
-
-    def __init__(self, data: bytearray | memoryview, slots: threading.Semaphore) -> None:
-        self.data = data
-        self.slots = slots
-
-    def __len__(self) -> int:  # PresentationDataValueItem.item_length asks
-        return len(self.data)
-
-
-def _install(dul: Any) -> None:
-    """Let this DUL write `_Frames` as they are (idempotent, this association only)."""
-    if getattr(dul, "_pacsd_frames", False):
-        return
-    original = dul._send
-
-    def send(pdu: Any) -> None:
-        items = getattr(pdu, "presentation_data_value_items", None)
-        frames = items[0].presentation_data_value if items else None
-        if type(frames) is not _Frames:
-            original(pdu)
-            return
-        try:
-            sock = getattr(dul.socket, "socket", None)
-            if sock is None:
-                return
-            sock.sendall(frames.data)
-        except Exception:
-            dul.event_queue.put("Evt17")  # transport closed, as AssociationSocket.send
-        finally:
-            frames.data = bytearray()
-            frames.slots.release()
-
-    dul._send = send
-    dul._pacsd_frames = True
 
 
 def _alive(assoc: Any) -> bool:
@@ -538,9 +498,9 @@ class Prepared:
     def recycle(self) -> None:
         """Sent and answered: its buffer may frame a later object (no new allocation,
         zero-fill and page faults per object). Only once no write of it is pending."""
-        frames, self.frames = self.frames, bytearray()
-        if self.pool is not None and frames:
-            self.pool.give(frames)
+        buf, self.frames = self.frames, bytearray()
+        if self.pool is not None and buf:
+            self.pool.give(buf)
 
     def close(self) -> None:
         self.frames = bytearray()
@@ -670,12 +630,12 @@ class Framer:
         offset = meta.dataset_offset
         length = max(0, size - offset)
         n = framed_size(length, self.fragment)
-        frames = self.pool.take(n)
-        views = layout(frames, length, cx_id, self.fragment)
+        buf = self.pool.take(n)
+        views = layout(buf, length, cx_id, self.fragment)
         got = read_into(fd, views, offset)
         if got < length:  # the file is shorter than it was: hash what there is
             views = _cut(views, got)
-        return (Prepared(meta, cx_id, frames, self.owner, n, self.pool),
+        return (Prepared(meta, cx_id, buf, self.owner, n, self.pool),
                 [memoryview(head)[:offset], *views])
 
 
@@ -906,7 +866,7 @@ def _via_dul(assoc: Any, buffers: Iterable[Any], cx_id: int) -> Dataset:
     """Hand the PDUs to the DUL thread (IN_FLIGHT buffers at most) and wait for the
     response on the DIMSE queue."""
     dul = assoc.dul
-    _install(dul)
+    frames.install(dul)
     _install_rsp(assoc.dimse)
     paused = _pause_reactor(assoc)
     slots = threading.Semaphore(IN_FLIGHT)
@@ -915,7 +875,7 @@ def _via_dul(assoc: Any, buffers: Iterable[Any], cx_id: int) -> Dataset:
         pending = None
         for buf in buffers:
             if pending is not None:
-                _queue(assoc, dul, _Frames(pending, slots), cx_id, slots)
+                _queue(assoc, dul, frames.Frames(pending, slots.release), cx_id, slots)
                 sent = True
             pending = buf
         if pending is not None:
@@ -923,7 +883,7 @@ def _via_dul(assoc: Any, buffers: Iterable[Any], cx_id: int) -> Dataset:
                 # the response can only come after the last fragment: make sure the
                 # reactor is paused before it can
                 _wait_paused(assoc)
-            _queue(assoc, dul, _Frames(pending, slots), cx_id, slots)
+            _queue(assoc, dul, frames.Frames(pending, slots.release), cx_id, slots)
             sent = True
     except BaseException:
         if sent and _alive(assoc):
@@ -946,7 +906,7 @@ def _response(assoc: Any, paused: bool) -> Dataset:
     return status
 
 
-def _queue(assoc: Any, dul: Any, frames: _Frames, cx_id: int,
+def _queue(assoc: Any, dul: Any, framed: frames.Frames, cx_id: int,
            slots: threading.Semaphore) -> None:
     while not slots.acquire(timeout=0.5):
         if not _alive(assoc):
@@ -954,10 +914,7 @@ def _queue(assoc: Any, dul: Any, frames: _Frames, cx_id: int,
     if not _alive(assoc):
         slots.release()
         raise ConnectionError("association ended while sending a C-STORE dataset")
-    pdata = P_DATA()
-    # bypasses the list setter's bytes check, as pynetdicom's own encode_msg does
-    pdata.presentation_data_value_list.append((cx_id, frames))  # type: ignore[arg-type]
-    dul.send_pdu(pdata)
+    dul.send_pdu(frames.pdata(cx_id, framed))
 
 
 def _buffers(f: IO[bytes], length: int, cx_id: int, fragment: int, cmd: bytes):  # type: ignore[no-untyped-def]

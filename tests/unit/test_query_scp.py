@@ -14,7 +14,7 @@ from pynetdicom.dimse_primitives import C_GET
 from pacsd import audit
 from pacsd import config as configmod
 from pacsd.auth.aes import Peer
-from pacsd.scp import find, qr
+from pacsd.scp import find, frames, qr
 from pacsd.scp.state import AssocState
 from pacsd.store import index
 from tests.unit.test_query import fill
@@ -123,7 +123,8 @@ def framed(ev: FakeEvent) -> list[tuple[int, Dataset]]:
     command, data = b"", b""
     for primitive in ev.assoc.dimse.dul.pdus:
         [(cx, raw)] = primitive.presentation_data_value_list
-        assert cx == ev.context.context_id and type(raw) is find.RawFrames
+        assert cx == ev.context.context_id and type(raw) is frames.Frames
+        raw = bytes(raw.data)
         while raw:
             assert raw[0] == 0x04
             length = int.from_bytes(raw[2:6], "big")
@@ -209,23 +210,32 @@ def test_find_in_another_syntax_yields_datasets(cfg: Any) -> None:
     assert sorted(str(ds.StudyInstanceUID) for _, ds in out[:2]) == ["1.2.1", "1.2.2"]
 
 
-def test_raw_frames_are_written_as_they_are_by_the_dul() -> None:
+def test_frames_are_written_as_they_are_by_the_dul() -> None:
     from pynetdicom.pdu import P_DATA_TF
     from pynetdicom.pdu_primitives import P_DATA
 
     written: list[bytes] = []
     originals: list[Any] = []
-    dul = SimpleNamespace(socket=SimpleNamespace(send=written.append),
-                          _send=originals.append)
-    find._install(dul)
-    find._install(dul)  # once per association: a second call changes nothing
-    raw = P_DATA()
-    raw.presentation_data_value_list = [[1, find.RawFrames(b"\x04\x00pdus")]]
+    events: list[str] = []
+    done: list[int] = []
+    sock = SimpleNamespace(sendall=written.append)
+    dul = SimpleNamespace(socket=SimpleNamespace(socket=sock), _send=originals.append,
+                          event_queue=SimpleNamespace(put=events.append))
+    frames.install(dul)
+    frames.install(dul)  # once per association: a second call changes nothing
     other = P_DATA()
     other.presentation_data_value_list = [[1, b"\x03cmd"]]
-    dul._send(P_DATA_TF(raw))
+    dul._send(P_DATA_TF(frames.pdata(1, frames.Frames(b"\x04\x00pdus", lambda: done.append(1)))))
     dul._send(P_DATA_TF(other))
-    assert written == [b"\x04\x00pdus"] and len(originals) == 1
+    assert written == [b"\x04\x00pdus"] and len(originals) == 1 and done == [1]
+    assert not events
+
+    def broken(data: bytes) -> None:
+        raise ConnectionResetError("peer gone")
+
+    sock.sendall = broken  # a closed transport: Evt17, and the buffer is still given back
+    dul._send(P_DATA_TF(frames.pdata(1, frames.Frames(b"\x04\x00more", lambda: done.append(2)))))
+    assert events == ["Evt17"] and done == [1, 2]
 
 
 def test_find_not_permitted(cfg: Any) -> None:
@@ -355,7 +365,7 @@ def test_sender_batches_what_frame_pending_frames(max_pdu: int) -> None:
     command = find.encode_find_pending(STUDY_FIND, 9)
     [(cx, raw)] = dul.pdus[0].presentation_data_value_list
     assert len(dul.pdus) == 1 and cx == 5
-    assert raw == b"".join(find.frame_pending(command, i, 5, max_pdu) for i in ids)
+    assert raw.data == b"".join(find.frame_pending(command, i, 5, max_pdu) for i in ids)
 
 
 @pytest.mark.parametrize("sop_class,msg_id", [("1.2.840.10008.5.1.4.1.2.2.1", 7),
