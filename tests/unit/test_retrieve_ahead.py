@@ -3,6 +3,7 @@ one is sent, and still nothing is handed out before its check passed."""
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -21,10 +22,12 @@ class Recording(ObjectStore):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self.calls: list[tuple[str, str]] = []
+        self.nice: list[int] = []  # the verifying thread's niceness
         self.opened: list[object] = []
 
     def open_verified(self, sha256: str):  # type: ignore[no-untyped-def]
         self.calls.append((sha256, threading.current_thread().name))
+        self.nice.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         f = super().open_verified(sha256)
         self.opened.append(f)
         return f
@@ -51,6 +54,11 @@ def test_in_order_each_verified_ahead_in_the_background(objects) -> None:  # typ
     threads = [name for _, name in store.calls]
     assert threads[0] == threading.current_thread().name  # the first has nobody ahead
     assert all(name.startswith("pacsd-verify") for name in threads[1:])
+    # read-ahead yields the cores to the sender (and everyone else): a lower priority,
+    # for its own thread only
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert store.nice[0] == base
+    assert store.nice[1:] == [min(19, base + retrieve.VERIFY_NICE)] * 3
 
 
 def test_corrupt_object_raises_when_asked_for_not_before(objects) -> None:  # type: ignore[no-untyped-def]
