@@ -53,8 +53,9 @@ def install(dul: Any) -> None:
             sock = getattr(dul.socket, "socket", None)
             if sock is not None:
                 sock.sendall(frames.data)
-        except OSError:
-            dul.event_queue.put("Evt17")  # transport closed, as AssociationSocket.send
+        except Exception:  # OSError, or ValueError from a socket closed under us: never
+            # let it out into the DUL thread; the transport is gone, as AssociationSocket.send
+            dul.event_queue.put("Evt17")
         finally:
             frames.data = b""
             if frames.done is not None:
