@@ -411,6 +411,36 @@ def wait_idle(limit: float, timeout: float) -> float:
     return busy
 
 
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def spread_subdirs(directory: Path) -> bool:
+    """Mark `directory` a top of hierarchy (`chattr +T`), so ext4 places each run directory
+    made under it in a block group of its own, as it would a top-level directory. Without
+    it every run lands in the block group of the run deleted just before, and on a file
+    system without a journal (this machine class's root) ext4 then scans past every inode
+    freed in the last 60-360 s on each file it creates (`recently_deleted`): 0.3-0.9 ms of
+    CPU per new file here, whichever receiver is running; a store that has not just
+    deleted thousands of files does not pay it. False where the flag is not supported."""
+    import array
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        flags = array.array("i", [0])
+        fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags, True)
+        flags[0] |= _FS_TOPDIR_FL
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags, True)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
