@@ -64,7 +64,7 @@ def _configure_pynetdicom(services: Services) -> None:
 def build_ae(cfg: Config) -> Any:
     ae = AE(ae_title=cfg.node.ae_title)
     ae.maximum_pdu_size = cfg.node.max_pdu_size
-    ae.pacsd_max_request = cfg.node.max_request_kb * 1024  # read by scp/limits.py
+    ae.pacsd_max_request = cfg.node.max_request_kb * 1024  # type: ignore[attr-defined]  # read by scp/limits.py
     ae.network_timeout = cfg.node.network_timeout
     ae.acse_timeout = cfg.node.acse_timeout
     ae.dimse_timeout = cfg.node.dimse_timeout

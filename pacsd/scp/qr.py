@@ -128,16 +128,20 @@ def handle_find(event: Any, services: Services) -> Iterator[tuple[Any, Dataset |
     try:
         q = query.parse(_identifier(event), model)
         fields.update(q.summary())
-        options = {"limit": limit, "retrieve_ae": services.cfg.node.ae_title,
-                   "case_insensitive": services.cfg.query.case_insensitive_names}
+        retrieve_ae = services.cfg.node.ae_title
+        case_insensitive = services.cfg.query.case_insensitive_names
         results: Iterator[Any]
         if implicit_vr is None:
-            results = query.find(q, **options)
+            results = query.find(q, limit=limit, retrieve_ae=retrieve_ae,
+                                 case_insensitive=case_insensitive)
         else:
-            results = query.find_encoded(q, implicit_vr=implicit_vr, **options)
+            results = query.find_encoded(q, implicit_vr=implicit_vr, limit=limit,
+                                         retrieve_ae=retrieve_ae,
+                                         case_insensitive=case_insensitive)
             pending = find.PendingSender(event.assoc, event.context.context_id,
                                         str(event.request.AffectedSOPClassUID),
                                         int(event.request.MessageID))
+        match: Any  # a Dataset from find(), encoded bytes from find_encoded()
         for match in results:
             if event.is_cancelled:
                 _flush(pending)

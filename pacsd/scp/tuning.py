@@ -59,7 +59,7 @@ def apply() -> None:
     AssociationSocket.recv = _socket_recv  # type: ignore[method-assign]
     DULServiceProvider._read_pdu_data = _read_pdu_data  # type: ignore[method-assign]
     DIMSEServiceProvider.send_msg = _send_msg  # type: ignore[method-assign]
-    transport.deepcopy = copy_contexts  # type: ignore[attr-defined]
+    transport.deepcopy = copy_contexts  # type: ignore[attr-defined,assignment]
     _applied = True
 
 
@@ -206,9 +206,9 @@ def _assoc_run_reactor(self: Any) -> None:
                 msg_queue.queue.appendleft(item)
                 msg_queue.not_empty.notify()
             continue
-        context_id, msg = item if item is not None else (None, None)
+        context_id, msg = item if item is not None else (0, None)
         if msg:
-            self._serve_request(msg, int(context_id))
+            self._serve_request(msg, int(context_id or 0))
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
             self.is_released = True

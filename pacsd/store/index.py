@@ -217,7 +217,7 @@ def _m1_hierarchy(db: peewee.SqliteDatabase) -> None:
         "CREATE INDEX instance_sha256_idx ON instance (sha256)",
     ]
     for sql in statements:
-        db.execute_sql(sql)  # type: ignore[no-untyped-call]  # peewee has no annotations
+        db.execute_sql(sql)
 
 
 def _m2_commitment(db: peewee.SqliteDatabase) -> None:

@@ -578,7 +578,7 @@ _SQL_INSTANCE_UPDATE = (
 
 
 def _exec(db: peewee.SqliteDatabase, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
-    return db.execute_sql(query, params)  # type: ignore[no-untyped-call,no-any-return]
+    return db.execute_sql(query, params)  # type: ignore[no-any-return]
 
 
 def _upsert(sql: Callable[..., sqlite3.Cursor], table: str, keys: dict[str, Any],

@@ -256,11 +256,11 @@ class SpoolFile:
 
     def finish(self) -> str:
         """Flush, fsync and fix the digest; the file stays open (and locked). Returns sha256."""
-        self.digest()
+        digest = self.digest()
         if not self.synced and self._fd is not None:
             _fsync(self._fd)
             self.synced = True
-        return self._digest
+        return digest
 
     def close(self) -> None:
         """Flush and close (no fsync); idempotent. The digest is fixed from here on."""
