@@ -208,7 +208,7 @@ def _assoc_run_reactor(self: Any) -> None:
             continue
         context_id, msg = item if item is not None else (0, None)
         if msg:
-            self._serve_request(msg, int(context_id or 0))
+            self._serve_request(msg, int(context_id))
         if self.is_established and self.acse.is_release_requested():
             self.acse.send_release(is_response=True)
             self.is_released = True
