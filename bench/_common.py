@@ -411,6 +411,26 @@ def wait_idle(limit: float, timeout: float) -> float:
     return busy
 
 
+def block_device_stat(path: Path) -> Path | None:
+    """The /sys stat file of the block device holding `path`'s file system (a partition's
+    own, which counts the same fields); None when there is none (tmpfs, overlay...)."""
+    st = path.stat()
+    stat = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat")
+    return stat if stat.exists() else None
+
+
+def device_io(stat: Path | None) -> tuple[int, int] | None:
+    """(write requests, flush requests) the device completed so far; None when the kernel
+    does not count flushes there (fields 16-17 of Documentation/block/stat.rst)."""
+    if stat is None:
+        return None
+    try:
+        fields = [int(x) for x in stat.read_text().split()]
+    except (OSError, ValueError):
+        return None
+    return (fields[4], fields[15]) if len(fields) >= 17 else None
+
+
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
 
 
