@@ -421,16 +421,16 @@ def block_device_stat(path: Path) -> Path | None:
 
 def device_io(stat: Path | None) -> tuple[int, int] | None:
     """(write requests, flush requests) the device completed so far; None when the kernel
-    does not count flushes there (fields 16-17 of Documentation/block/stat.rst). The write
-    count includes one (empty) write per flush: 1,000 fsyncs of a clean file here add 1,000
-    to both."""
+    does not count flushes there (fields 16-17 of Documentation/block/stat.rst). The kernel
+    counts one (empty) write per flush too — 1,000 fsyncs of a clean file here add 1,000 to
+    both — so those are left out of the writes returned."""
     if stat is None:
         return None
     try:
         fields = [int(x) for x in stat.read_text().split()]
     except (OSError, ValueError):
         return None
-    return (fields[4], fields[15]) if len(fields) >= 17 else None
+    return (fields[4] - fields[15], fields[15]) if len(fields) >= 17 else None
 
 
 _FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
